@@ -1,0 +1,342 @@
+"""One alias table next to one loader (timm's habit).
+
+``load_model("deit_t")`` returns the full-precision model P in eval mode together with its
+preprocessing (:class:`DataConfig`) read from the model's own timm config, never from constants.
+
+Weights come from, in order: a local checkpoint if given (``.pth``/``.pt``, ``.safetensors``,
+or a self-describing maskaq checkpoint); the timm hub if reachable; otherwise a clear error saying
+how to supply them. Loading is strict: missing, unexpected or mis-shaped keys are an error that
+names them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ModelError",
+    "ALIASES",
+    "DataConfig",
+    "LoadedModel",
+    "resolve_name",
+    "load_model",
+    "load_checkpoint",
+    "save_checkpoint",
+    "CHECKPOINT_FORMAT",
+]
+
+CHECKPOINT_FORMAT = "maskaq-checkpoint/1"
+
+# The project's committed reference models live here (issue 6).
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+#: alias -> full timm name with pretrained tag, or a committed self-describing checkpoint.
+ALIASES: dict[str, str] = {
+    "deit_t": "deit_tiny_patch16_224.fb_in1k",
+    "deit_s": "deit_small_patch16_224.fb_in1k",
+    "deit_b": "deit_base_patch16_224.fb_in1k",
+    "vit_t": "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+    "vit_s": "vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "vit_b": "vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "swin_t": "swin_tiny_patch4_window7_224.ms_in1k",
+    "swin_s": "swin_small_patch4_window7_224.ms_in1k",
+}
+
+#: alias -> committed checkpoint file under maskaq/assets (offline, no download).
+LOCAL_ALIASES: dict[str, str] = {
+    "fmnist_vit": "fmnist_vit.maskaq.pt",
+}
+
+
+class ModelError(ValueError):
+    """Unknown model name, unreadable or mismatching checkpoint, or weights not reachable."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing that travels with the model (timm eval transform)."""
+
+    input_size: tuple[int, int, int]  # C, H, W
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    crop_mode: str = "center"
+
+    @property
+    def channels(self) -> int:
+        return self.input_size[0]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        d["channels"] = self.channels
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "DataConfig":
+        return cls(
+            input_size=tuple(int(v) for v in d["input_size"]),  # type: ignore[arg-type]
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            crop_pct=float(d.get("crop_pct", 0.875)),
+            interpolation=str(d.get("interpolation", "bicubic")),
+            crop_mode=str(d.get("crop_mode", "center")),
+        )
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "DataConfig":
+        """Read from timm's ``pretrained_cfg`` (and the model's real input size / channels)."""
+        from timm.data import resolve_data_config
+
+        cfg = resolve_data_config({}, model=model)
+        c, h, w = cfg["input_size"]
+        chans = getattr(getattr(model, "patch_embed", None), "proj", None)
+        if isinstance(chans, nn.Conv2d):
+            c = chans.in_channels
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if img_size is not None:
+            h, w = int(img_size[0]), int(img_size[1])
+        mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+        if len(mean) != c:  # e.g. a grey model built from an RGB config
+            mean, std = (float(sum(mean) / len(mean)),) * c, (float(sum(std) / len(std)),) * c
+        return cls((c, h, w), mean, std, float(cfg.get("crop_pct", 0.875)),
+                   str(cfg.get("interpolation", "bicubic")), str(cfg.get("crop_mode", "center")))
+
+
+@dataclass
+class LoadedModel:
+    """P in eval mode, its preprocessing, where its weights came from, and class labels if known."""
+
+    model: nn.Module
+    data_config: DataConfig
+    name: str  # full timm name with tag (or the architecture of a checkpoint)
+    source: dict[str, Any] = field(default_factory=dict)
+    labels: list[str] | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_name(name: str) -> str:
+    """Alias or full timm name (optionally with ``.tag``) -> full timm name.
+
+    Raises:
+        ModelError: listing the aliases and how to find timm names if ``name`` is unknown.
+    """
+    import timm
+
+    if name in ALIASES:
+        return ALIASES[name]
+    arch = name.split(".", 1)[0]
+    if arch in timm.list_models():
+        return name
+    valid = ", ".join(sorted(ALIASES) + sorted(LOCAL_ALIASES))
+    raise ModelError(
+        f"unknown model {name!r}; valid: an alias ({valid}), a full timm model name such as "
+        f"'deit_tiny_patch16_224' (optionally with '.tag'; see timm.list_models('*vit*')), "
+        f"or a maskaq checkpoint file"
+    )
+
+
+def _strict_load(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = sorted(
+        f"{k} (checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)})"
+        for k in set(own) & set(state_dict)
+        if tuple(own[k].shape) != tuple(state_dict[k].shape)
+    )
+    if missing or unexpected or mismatched:
+
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {few(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches: {few(mismatched)}")
+        raise ModelError(f"{what} does not match the model: " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _read_state_dict(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path)))
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is an unreadable checkpoint
+        raise ModelError(
+            f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "valid: a .pth/.pt state dict, a .safetensors file, or a maskaq checkpoint"
+        ) from None
+    if not isinstance(obj, dict):
+        raise ModelError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def _unwrap_state_dict(obj: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model", "model_ema", "module"):
+        if key in obj and isinstance(obj[key], dict) and not isinstance(obj.get(key), torch.Tensor):
+            obj = obj[key]
+            break
+    sd = {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ModelError(f"checkpoint {str(path)!r} is not a state dict (non-tensor entries: {', '.join(bad[:5])})")
+    return sd
+
+
+def _prepare(model: nn.Module) -> nn.Module:
+    """Eval mode and the explicit attention path (:func:`maskaq.qmodel.prepare_model`), so the
+    adapter sees q, k, logits and per-head outputs of P."""
+    from .qmodel import prepare_model
+
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    return prepare_model(model.eval())
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    architecture: str,
+    model_args: dict[str, Any],
+    data_config: DataConfig,
+    labels: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write a self-describing checkpoint (atomically).
+
+    It carries the timm architecture name, the constructor arguments, the preprocessing, the
+    labels and the state dict, so ``load_model(path)`` rebuilds the model without code.
+
+    Example:
+        >>> save_checkpoint("m.maskaq.pt", model, "vit_tiny_patch16_224",
+        ...                 dict(img_size=28, patch_size=4, in_chans=1, num_classes=10), dcfg)
+    """
+    obj = {
+        "format": CHECKPOINT_FORMAT,
+        "architecture": architecture,
+        "model_args": json.loads(json.dumps(model_args)),
+        "data_config": data_config.to_json(),
+        "labels": list(labels) if labels else None,
+        "extra": json.loads(json.dumps(extra or {})),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+    }
+    from .io import atomic_torch_save
+
+    atomic_torch_save(obj, Path(path))
+
+
+def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
+    """Load a self-describing maskaq checkpoint (see :func:`save_checkpoint`)."""
+    import timm
+
+    path = Path(path)
+    obj = _read_state_dict(path)
+    if obj.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(
+            f"{str(path)!r} is not a maskaq checkpoint (no format {CHECKPOINT_FORMAT!r}); "
+            "pass it with --checkpoint together with the timm model name it belongs to"
+        )
+    arch = obj["architecture"]
+    args = dict(obj.get("model_args") or {})
+    try:
+        model = timm.create_model(arch.split(".", 1)[0], pretrained=False, **args)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"checkpoint {str(path)!r}: cannot build {arch!r} with {args}: {e}") from None
+    _strict_load(model, _unwrap_state_dict(obj["state_dict"], path), f"checkpoint {str(path)!r}")
+    dcfg = DataConfig.from_json(obj["data_config"])
+    return LoadedModel(_prepare(model), dcfg, arch,
+                       {"model": arch, "checkpoint": str(path), "weights": "checkpoint"},
+                       obj.get("labels"), args)
+
+
+def load_model(
+    name: str,
+    checkpoint: str | os.PathLike | None = None,
+    pretrained: bool = True,
+    device: str | torch.device = "cpu",
+    **model_args: Any,
+) -> LoadedModel:
+    """Load P (eval mode) and its preprocessing.
+
+    Args:
+        name: alias (``deit_t``, ``vit_s``, ``swin_t``, ``fmnist_vit`` ...), a full timm name with
+            optional ``.tag``, or a path to a self-describing maskaq checkpoint.
+        checkpoint: local ``.pth``/``.safetensors`` state dict (or maskaq checkpoint) for ``name``.
+        pretrained: fetch timm hub weights when no checkpoint is given; ``False`` = random weights.
+        device: where to put the model.
+        **model_args: extra timm constructor arguments (``img_size``, ``num_classes``, ...).
+
+    Returns:
+        :class:`LoadedModel`.
+
+    Raises:
+        ModelError: unknown name, unreadable/mismatching checkpoint, or weights not reachable.
+
+    Example:
+        >>> lm = load_model("deit_t", checkpoint="deit_tiny.pth")
+    """
+    import timm
+
+    if name in LOCAL_ALIASES:
+        p = ASSETS / LOCAL_ALIASES[name]
+        if not p.is_file():
+            raise ModelError(f"the reference checkpoint for {name!r} is missing ({p}); reinstall maskaq")
+        lm = load_checkpoint(p)
+        lm.source["model"] = name
+        lm.model.to(device)
+        return lm
+    if os.path.isfile(name) and checkpoint is None:
+        lm = load_checkpoint(name)
+        lm.model.to(device)
+        return lm
+    full = resolve_name(name)
+    arch = full.split(".", 1)[0]
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        obj = _read_state_dict(path)
+        if obj.get("format") == CHECKPOINT_FORMAT:
+            lm = load_checkpoint(path)
+            if lm.name.split(".", 1)[0] != arch:
+                raise ModelError(f"checkpoint {str(path)!r} holds {lm.name!r}, not {arch!r}")
+            lm.model.to(device)
+            return lm
+        model = timm.create_model(full, pretrained=False, **model_args)
+        _strict_load(model, _unwrap_state_dict(obj, path), f"checkpoint {str(path)!r}")
+        source = {"model": full, "checkpoint": str(path), "weights": "checkpoint"}
+    elif pretrained:
+        try:
+            model = timm.create_model(full, pretrained=True, **model_args)
+        except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
+            raise ModelError(
+                f"cannot fetch pretrained weights for {full!r} ({type(e).__name__}); offline? "
+                "supply them with --checkpoint PATH (.pth/.safetensors), put them in the Hugging Face "
+                "cache, or use --random-weights for a speed test"
+            ) from None
+        source = {"model": full, "checkpoint": None, "weights": "timm-hub"}
+    else:
+        model = timm.create_model(full, pretrained=False, **model_args)
+        source = {"model": full, "checkpoint": None, "weights": "random"}
+    model = _prepare(model).to(device)
+    return LoadedModel(model, DataConfig.from_model(model), full, source, None, dict(model_args))

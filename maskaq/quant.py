@@ -1,0 +1,314 @@
+"""The quantizer: pure maths, the exportable custom op, and the two quantizer modules.
+
+One quantizer with ONNX semantics (method.md §1, paper Eq. 26)::
+
+    q = clamp(round_half_even(x / s) + z, qmin, qmax)
+    y = (q - z) * s
+
+We divide by ``s`` (never multiply by ``1/s``) and add ``z`` after rounding, which is what ONNX
+``QuantizeLinear`` does; that makes ONNX Runtime reproduce PyTorch exactly layer by layer.
+``torch.round`` rounds half to even, like ONNX.
+
+Two implementations of the same maths live here:
+
+* :func:`fake_quant` - plain torch ops with straight-through gradients, used in training;
+* ``torch.ops.maskaq.fake_quant`` - a ``torch.library.custom_op`` used while exporting, so
+  the dynamo exporter sees one opaque op that the exporter maps to standard ONNX
+  (Clip -> QuantizeLinear -> DequantizeLinear) and 2-7 bit ranges survive. A test asserts the two
+  are bit-identical.
+
+Switch a model to the custom op with :func:`export_mode` (a context manager).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "QuantError",
+    "qrange",
+    "fake_quant",
+    "round_ste",
+    "WeightQuantizer",
+    "ActQuantizer",
+    "export_mode",
+    "is_export_mode",
+    "QuantizerSpec",
+]
+
+
+class QuantError(ValueError):
+    """A bad quantization setting (bit width, config string, parameter file)."""
+
+
+def qrange(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
+    """Integer grid of a ``bits``-bit quantizer.
+
+    Args:
+        bits: 2..8.
+        signed: ``[-2^(b-1), 2^(b-1)-1]`` if True, else ``[0, 2^b-1]``.
+        narrow: drop the most negative level (symmetric ``[-(2^(b-1)-1), 2^(b-1)-1]``, TensorRT).
+
+    Returns:
+        ``(qmin, qmax)``. Example: ``qrange(4, True) == (-8, 7)``.
+    """
+    check_bits(bits)
+    if signed:
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        return (lo + 1 if narrow else lo), hi
+    return 0, 2**bits - 1
+
+
+def check_bits(bits: int) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
+        raise QuantError(f"bit width {bits!r} is not supported; valid bit widths are 2..8")
+    return bits
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even with a straight-through (identity) gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quant(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+) -> torch.Tensor:
+    """ONNX-exact fake quantization with straight-through gradients (Eq. 26).
+
+    ``zero_point`` must already hold integers (round it with :func:`round_ste` first if it is a
+    learnable float). Gradients: identity for ``x`` inside the clamp range and zero outside; the
+    LSQ+ gradients for ``scale`` and ``zero_point`` follow from autograd through the STE.
+
+    Args:
+        x: input tensor.
+        scale: positive scale, broadcastable to ``x`` (per-tensor or per-channel).
+        zero_point: integer-valued zero-point tensor, broadcastable to ``x``.
+        qmin, qmax: integer grid.
+
+    Returns:
+        Dequantized tensor, same shape and dtype as ``x``.
+
+    Example:
+        >>> fake_quant(torch.tensor([0.25]), torch.tensor(0.5), torch.tensor(0.), -8, 7)
+        tensor([0.])
+    """
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+# --- the exportable op ----------------------------------------------------------------------
+
+@torch.library.custom_op("maskaq::fake_quant", mutates_args=())
+def _fake_quant_op(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int
+) -> torch.Tensor:
+    """Same maths as :func:`fake_quant`; ``axis`` (-1 = per tensor) tells the exporter which axis
+    ``scale``/``zero_point`` index. ``scale``/``zero_point`` are 1-D (length 1 or C)."""
+    shape = [1] * x.dim()
+    if axis >= 0:
+        shape[axis] = -1
+    s = scale.reshape(shape) if axis >= 0 else scale.reshape([])
+    z = zero_point.reshape(shape) if axis >= 0 else zero_point.reshape([])
+    q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+    return (q - z) * s
+
+
+@_fake_quant_op.register_fake
+def _(x, scale, zero_point, qmin, qmax, axis):  # noqa: ANN001 - signature fixed by torch.library
+    return torch.empty_like(x)
+
+
+_STATE = threading.local()
+
+
+def is_export_mode() -> bool:
+    return getattr(_STATE, "export", False)
+
+
+@contextlib.contextmanager
+def export_mode() -> Iterator[None]:
+    """Within this context every quantizer calls ``torch.ops.maskaq.fake_quant`` (exportable,
+    no gradient) instead of the differentiable torch ops. Results are bit-identical."""
+    old = is_export_mode()
+    _STATE.export = True
+    try:
+        yield
+    finally:
+        _STATE.export = old
+
+
+# --- quantizer modules ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """Read-out of one quantizer, as the exporter and the params file need it."""
+
+    name: str
+    kind: str  # "weight" | "activation"
+    bits: int
+    signed: bool
+    narrow: bool
+    symmetric: bool
+    axis: int  # -1 per tensor
+    qmin: int
+    qmax: int
+    scale: torch.Tensor  # 1-D float32
+    zero_point: torch.Tensor  # 1-D float32 holding integers
+    enabled: bool
+
+
+class _Quantizer(nn.Module):
+    kind = ""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.enabled = True
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, enabled={self.enabled}"
+
+
+class WeightQuantizer(_Quantizer):
+    """Per-output-channel symmetric weight quantizer (method.md §1).
+
+    ``s_r = 2 * max|w_r| / (2^b - 1)`` is recomputed from the current latent weights at every
+    forward (weights are trained during calibration); zero-point 0. The scale is computed from
+    ``w.detach()``: the gradient reaches the latent weights through the STE only.
+    ``narrow=True`` uses ``[-(2^(b-1)-1), 2^(b-1)-1]`` (TensorRT).
+    """
+
+    kind = "weight"
+
+    def __init__(self, bits: int, narrow: bool = False, axis: int = 0) -> None:
+        super().__init__(bits)
+        self.narrow = narrow
+        self.axis = axis
+
+    @property
+    def signed(self) -> bool:
+        return True
+
+    def grid(self) -> tuple[int, int]:
+        return qrange(self.bits, True, self.narrow)
+
+    def scale_for(self, w: torch.Tensor) -> torch.Tensor:
+        """Per-channel scale, shape ``[C]``; all-zero channels get scale 1 (their integers are 0)."""
+        dims = [d for d in range(w.dim()) if d != self.axis]
+        amax = w.detach().abs().amax(dim=dims)
+        s = 2 * amax / (2**self.bits - 1)
+        return torch.where(s > 0, s, torch.ones_like(s))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        qmin, qmax = self.grid()
+        s = self.scale_for(w)
+        z = torch.zeros_like(s)
+        if is_export_mode():
+            return torch.ops.maskaq.fake_quant(w, s, z, qmin, qmax, self.axis)
+        shape = [1] * w.dim()
+        shape[self.axis] = -1
+        return fake_quant(w, s.reshape(shape), z.reshape(shape), qmin, qmax)
+
+    def spec(self, name: str, w: torch.Tensor) -> QuantizerSpec:
+        qmin, qmax = self.grid()
+        s = self.scale_for(w).float()
+        return QuantizerSpec(name, "weight", self.bits, True, self.narrow, True, self.axis,
+                             qmin, qmax, s, torch.zeros_like(s), self.enabled)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", per_channel(axis={self.axis}), narrow={self.narrow}"
+
+
+class ActQuantizer(_Quantizer):
+    """Per-tensor activation quantizer with learnable step and zero-point (LSQ+, method.md §1).
+
+    Initialised on the first batch it sees: ``signed = min(x) < 1e-5``; ``s = 2*mean|x|/sqrt(qmax)``;
+    ``z = 0.1*(min(x) - s*qmax)`` (used rounded). The gradient of ``s`` is scaled by
+    ``1/sqrt(numel*qmax)`` (every layer). ``symmetric=True`` fixes ``z = 0`` (TensorRT).
+
+    [ours] The zero-point is clamped into the integer grid ``[qmin, qmax]`` so it always fits the
+    8-bit storage type of ONNX QuantizeLinear (int8 for signed grids, uint8 for unsigned ones).
+    """
+
+    kind = "activation"
+
+    def __init__(self, bits: int, symmetric: bool = False) -> None:
+        super().__init__(bits)
+        self.symmetric = symmetric
+        self.scale = nn.Parameter(torch.ones(1))
+        self.zero_point = nn.Parameter(torch.zeros(1), requires_grad=not symmetric)
+        # Buffers so that state_dict round-trips the initialisation.
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("is_signed", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.is_signed)
+
+    @property
+    def narrow(self) -> bool:
+        return False
+
+    def grid(self) -> tuple[int, int]:
+        return qrange(self.bits, self.signed, False)
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """LSQ+ initialisation from one batch (method.md §1)."""
+        x = x.detach().float()
+        signed = bool(x.min() < 1e-5)
+        self.is_signed.fill_(signed)
+        qmin, qmax = self.grid()
+        s = 2 * x.abs().mean() / math.sqrt(qmax)
+        if not torch.isfinite(s) or s <= 0:
+            s = torch.tensor(1e-8 if torch.isfinite(s) else 1.0)
+        self.scale.fill_(float(s))
+        z = 0.0 if self.symmetric else float(torch.clamp(0.1 * (x.min() - s * qmax), qmin, qmax))
+        self.zero_point.fill_(z)
+        self.initialized.fill_(True)
+
+    def effective(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and integer zero-point as used in forward (no gradient tricks)."""
+        qmin, qmax = self.grid()
+        s = self.scale.detach().abs().clamp_min(1e-8)
+        z = torch.zeros_like(s) if self.symmetric else torch.clamp(torch.round(self.zero_point.detach()), qmin, qmax)
+        return s, z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not bool(self.initialized):
+            self.initialize(x)
+        qmin, qmax = self.grid()
+        if is_export_mode():
+            s, z = self.effective()
+            return torch.ops.maskaq.fake_quant(x, s.to(x.dtype), z.to(x.dtype), qmin, qmax, -1)
+        g = 1.0 / math.sqrt(x.numel() / max(x.shape[0], 1) * qmax) if x.dim() > 0 else 1.0
+        s = self.scale.abs().clamp_min(1e-8)
+        s = (s - s * g).detach() + s * g  # LSQ gradient scaling; value unchanged
+        if self.symmetric:
+            z = torch.zeros_like(s)
+        else:
+            z = torch.clamp(round_ste(self.zero_point), qmin, qmax)
+        return fake_quant(x, s, z, qmin, qmax)
+
+    def spec(self, name: str) -> QuantizerSpec:
+        s, z = self.effective()
+        qmin, qmax = self.grid()
+        return QuantizerSpec(name, "activation", self.bits, self.signed, False, self.symmetric, -1,
+                             qmin, qmax, s.float().reshape(1), z.float().reshape(1), self.enabled)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", per_tensor, symmetric={self.symmetric}"
