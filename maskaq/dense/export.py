@@ -1,0 +1,179 @@
+"""ONNX export of the dense models' parts, with weights, at fixed input shapes (dynamo exporter).
+
+Mask R-CNN -> a directory holding four graphs (file names fixed, see :data:`DET_PARTS`):
+
+* ``backbone_neck.onnx``: ``input`` [1, 3, H, W] -> ``p2..p6`` (FPN maps, strides 4..64);
+* ``rpn_head.onnx``: ``p2..p6`` -> ``cls_0..cls_4`` [1, A, h, w], ``reg_0..reg_4`` [1, 4A, h, w];
+* ``bbox_head.onnx``: ``rois`` [N, C, 7, 7] (N dynamic) -> ``cls_score`` [N, K+1], ``bbox_pred`` [N, 4K];
+* ``mask_head.onnx``: ``rois`` [N, C, 14, 14] (N dynamic) -> ``mask_pred`` [N, K, 28, 28].
+
+UperNet -> one graph ``input`` [1, 3, H, W] -> ``logits`` [1, K, H, W].
+
+Every file carries ``maskaq.schema``, ``maskaq.task`` and ``maskaq.dense`` (JSON: part, model
+config, preprocessing on the 0-255 scale, test-time settings) in ``metadata_props`` so the numpy
+harness (``runtime_eval.dense``) needs neither torch nor maskaq.
+
+A model whose backbone was quantized with :func:`maskaq.dense.models.quantize_backbone` is
+frozen with ``export.freeze.freeze_model`` and exported through ``maskaq.quant.export_mode()`` and
+``export.onnx_export.translation_table`` (the
+quantizer custom op -> Clip/QuantizeLinear/DequantizeLinear), i.e. a fake-quant QDQ graph; the
+classifier-specific QDQ clean-up and encodings sidecar of ``export.export_onnx`` are not applied.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import onnx
+import torch
+from torch import nn
+
+from .models import BackboneNeck, MaskRCNN, RPNHeadPart, UperNet, UperNetFull
+
+__all__ = ["DET_PARTS", "DenseExportError", "export_part", "export_mask_rcnn", "export_upernet",
+           "DET_TEST_CFG", "SEG_TEST_CFG", "MEAN_255", "STD_255", "is_quantized"]
+
+DET_PARTS = ("backbone_neck", "rpn_head", "bbox_head", "mask_head")
+MEAN_255 = [123.675, 116.28, 103.53]
+STD_255 = [58.395, 57.12, 57.375]
+# mmdet 2.x Mask R-CNN test settings (mask_rcnn_r50_fpn.py) and the COCO test pipeline.
+DET_TEST_CFG: dict[str, Any] = {
+    "img_scale": [1333, 800], "size_divisor": 32,
+    "anchor_scales": [8], "anchor_ratios": [0.5, 1.0, 2.0], "anchor_strides": [4, 8, 16, 32, 64],
+    "rpn": {"nms_pre": 1000, "max_per_img": 1000, "iou_threshold": 0.7, "min_bbox_size": 0},
+    "rpn_target_stds": [1.0, 1.0, 1.0, 1.0], "rcnn_target_stds": [0.1, 0.1, 0.2, 0.2],
+    "roi_strides": [4, 8, 16, 32], "finest_scale": 56, "bbox_roi_size": 7, "mask_roi_size": 14,
+    "rcnn": {"score_thr": 0.05, "iou_threshold": 0.5, "max_per_img": 100, "mask_thr_binary": 0.5},
+}
+# mmseg UperNet Swin ADE20K test settings.
+SEG_TEST_CFG: dict[str, Any] = {"img_scale": [2048, 512], "mode": "whole", "crop_size": [512, 512],
+                                "stride": [341, 341]}
+
+
+class DenseExportError(RuntimeError):
+    pass
+
+
+def is_quantized(model: nn.Module) -> bool:
+    from maskaq.quant import ActQuantizer, WeightQuantizer
+
+    return any(isinstance(m, (ActQuantizer, WeightQuantizer)) for m in model.modules())
+
+
+def _translation_table(opset: int):
+    try:
+        from export.onnx_export import translation_table
+    except ImportError as e:  # pragma: no cover - export/ is part of this project
+        raise DenseExportError("exporting a quantized model needs export.onnx_export.translation_table") from e
+    return translation_table(opset)
+
+
+def export_part(module: nn.Module, example: Sequence[torch.Tensor], path: str | Path, *,
+                input_names: Sequence[str], output_names: Sequence[str], dynamic_batch: bool = False,
+                metadata: dict[str, str] | None = None, opset: int = 20, optimize: bool = True) -> Path:
+    """Export one part (eval mode, no grad) at the example's fixed shapes; ``dynamic_batch``
+    makes dim 0 of the (single) input dynamic (RoI heads); ``optimize`` runs the exporter's
+    onnxscript optimizer (slow on big graphs; ORT optimises at session creation anyway).
+    Writes ``path`` and returns it."""
+    from maskaq.quant import export_mode
+
+    path = Path(path)
+    module = module.eval()
+    quant = is_quantized(module)
+    kw: dict[str, Any] = {}
+    if quant:
+        import copy
+
+        from export.freeze import freeze_model, uninitialized_quantizers
+
+        bad = uninitialized_quantizers(module)
+        if bad:
+            raise DenseExportError(f"{len(bad)} activation quantizer(s) never saw data (run a forward first): {bad[:5]}")
+        module = copy.deepcopy(module).eval()
+        freeze_model(module, "ort")  # constant scales/zero-points: no data-dependent control flow
+        kw["custom_translation_table"] = _translation_table(opset)
+    if dynamic_batch:
+        kw["dynamic_shapes"] = ({0: torch.export.Dim("num_rois", min=1, max=100000)},)
+    ctx = export_mode() if quant else contextlib.nullcontext()
+    with ctx, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            prog = torch.onnx.export(module, tuple(example), dynamo=True, opset_version=opset, verbose=False,
+                                     optimize=optimize, input_names=list(input_names),
+                                     output_names=list(output_names), **kw)
+        except Exception as e:  # noqa: BLE001
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DenseExportError(f"torch.onnx.export failed for {type(module).__name__}: {msg}") from e
+    model = prog.model_proto
+    for k, v in (metadata or {}).items():
+        p = model.metadata_props.add()
+        p.key, p.value = k, v
+    model.producer_name = "maskaq"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def _meta(task: str, dense: dict[str, Any], quant: dict[str, Any] | None) -> dict[str, str]:
+    return {"maskaq.schema": "1", "maskaq.task": task, "maskaq.dense": json.dumps(dense),
+            "maskaq.quant": json.dumps(quant or {"profile": "fp32"})}
+
+
+def _quant_json(model: nn.Module) -> dict[str, Any] | None:
+    cfg = getattr(model, "maskaq_quant_config", None)
+    if cfg is None:
+        return None
+    return {"w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "profile": "ort", "scope": "backbone"}
+
+
+def export_mask_rcnn(model: MaskRCNN, out_dir: str | Path, input_hw: tuple[int, int] = (800, 1344), *,
+                     opset: int = 20, extra: dict[str, Any] | None = None, optimize: bool = True) -> dict[str, Path]:
+    """Export the four Mask R-CNN graphs into ``out_dir`` for a fixed ``input_hw`` canvas
+    (multiples of 32; the harness pads each resized image to it). Returns part -> path."""
+    H, W = input_hw
+    if H % 32 or W % 32:
+        raise DenseExportError(f"input_hw {input_hw} must be multiples of 32")
+    model = model.eval()
+    cfg = model.cfg
+    dense = {"model": "mask_rcnn_swin", "config": cfg.to_json(), "input_size": [3, H, W],
+             "mean": MEAN_255, "std": STD_255, "to_rgb": True, "test_cfg": DET_TEST_CFG,
+             "num_classes": cfg.num_classes, **(extra or {})}
+    quant = _quant_json(model)
+    out_dir = Path(out_dir)
+    x = torch.randn(1, 3, H, W, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = BackboneNeck(model)(x)
+    lv = [f"p{i + 2}" for i in range(len(feats))]
+    paths = {}
+    meta = lambda part: _meta("coco_instance", dict(dense, part=part), quant)  # noqa: E731
+    paths["backbone_neck"] = export_part(BackboneNeck(model), (x,), out_dir / "backbone_neck.onnx",
+                                         input_names=["input"], output_names=lv, metadata=meta("backbone_neck"),
+                                         opset=opset, optimize=optimize)
+    n = len(feats)
+    paths["rpn_head"] = export_part(RPNHeadPart(model), feats, out_dir / "rpn_head.onnx", input_names=lv,
+                                    output_names=[f"cls_{i}" for i in range(n)] + [f"reg_{i}" for i in range(n)],
+                                    metadata=meta("rpn_head"), opset=opset, optimize=optimize)
+    C = cfg.fpn_channels
+    paths["bbox_head"] = export_part(model.roi_head.bbox_head, (torch.randn(4, C, 7, 7),), out_dir / "bbox_head.onnx",
+                                     input_names=["rois"], output_names=["cls_score", "bbox_pred"],
+                                     dynamic_batch=True, metadata=meta("bbox_head"), opset=opset, optimize=optimize)
+    paths["mask_head"] = export_part(model.roi_head.mask_head, (torch.randn(4, C, 14, 14),),
+                                     out_dir / "mask_head.onnx", input_names=["rois"], output_names=["mask_pred"],
+                                     dynamic_batch=True, metadata=meta("mask_head"), opset=opset, optimize=optimize)
+    return paths
+
+
+def export_upernet(model: UperNet, path: str | Path, input_hw: tuple[int, int] = (512, 512), *,
+                   opset: int = 20, extra: dict[str, Any] | None = None, optimize: bool = True) -> Path:
+    """Export UperNet (backbone + decode head + resize to the input) at a fixed ``input_hw``."""
+    H, W = input_hw
+    model = model.eval()
+    dense = {"model": "upernet_swin", "config": model.cfg.to_json(), "input_size": [3, H, W],
+             "mean": MEAN_255, "std": STD_255, "to_rgb": True, "test_cfg": SEG_TEST_CFG,
+             "num_classes": model.cfg.num_classes, "part": "full", **(extra or {})}
+    x = torch.randn(1, 3, H, W, generator=torch.Generator().manual_seed(0))
+    return export_part(UperNetFull(model), (x,), path, input_names=["input"], output_names=["logits"],
+                       metadata=_meta("ade20k_segmentation", dense, _quant_json(model)), opset=opset, optimize=optimize)
