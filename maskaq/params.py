@@ -111,6 +111,7 @@ def load_params(model: nn.Module, params: QuantParams, check_weights: bool = Tru
                 m.scale.copy_(torch.tensor(e["scale"], dtype=m.scale.dtype).reshape(m.scale.shape))
                 m.zero_point.copy_(torch.tensor(e["zero_point"], dtype=m.zero_point.dtype).reshape(m.zero_point.shape))
                 m.initialized.fill_(True)
+                m.sync_flags()
         else:
             m.narrow = bool(e["narrow"])
             if check_weights:

@@ -252,10 +252,22 @@ class ActQuantizer(_Quantizer):
         # Buffers so that state_dict round-trips the initialisation.
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("is_signed", torch.zeros((), dtype=torch.bool))
+        # Python mirrors of the two buffers: reading a device buffer in forward would sync the GPU.
+        self._ready = False
+        self._signed = False
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003 - nn.Module hook
+        super()._load_from_state_dict(*args, **kwargs)
+        self.sync_flags()
+
+    def sync_flags(self) -> None:
+        """Refresh the Python mirrors after the buffers were written directly."""
+        self._ready = bool(self.initialized)
+        self._signed = bool(self.is_signed)
 
     @property
     def signed(self) -> bool:
-        return bool(self.is_signed)
+        return self._signed
 
     @property
     def narrow(self) -> bool:
@@ -270,6 +282,7 @@ class ActQuantizer(_Quantizer):
         x = x.detach().float()
         signed = bool(x.min() < 1e-5)
         self.is_signed.fill_(signed)
+        self._signed = signed
         qmin, qmax = self.grid()
         s = 2 * x.abs().mean() / math.sqrt(qmax)
         if not torch.isfinite(s) or s <= 0:
@@ -278,6 +291,7 @@ class ActQuantizer(_Quantizer):
         z = 0.0 if self.symmetric else float(torch.clamp(0.1 * (x.min() - s * qmax), qmin, qmax))
         self.zero_point.fill_(z)
         self.initialized.fill_(True)
+        self.sync_flags()
 
     def effective(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and integer zero-point as used in forward (no gradient tricks)."""
@@ -289,8 +303,11 @@ class ActQuantizer(_Quantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if not bool(self.initialized):
-            self.initialize(x)
+        if not self._ready:  # first call, or buffers written directly: one read of the device buffer
+            if bool(self.initialized):
+                self.sync_flags()
+            else:
+                self.initialize(x)
         qmin, qmax = self.grid()
         if is_export_mode():
             s, z = self.effective()
