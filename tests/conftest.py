@@ -1,30 +1,14 @@
-"""Shared fixtures: tiny timm models built in the tests (no downloads)."""
+"""Fixtures shared by the top-level tests."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-import torch
 
-from maskaq.models import load_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TINY = {
-    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)),
-    "deit_distilled": ("deit_tiny_distilled_patch16_224",
-                       dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)),
-    "swin": ("swin_tiny_patch4_window7_224",
-             dict(img_size=56, patch_size=4, embed_dim=24, depths=(2, 2), num_heads=(3, 6), window_size=7, num_classes=10)),
-}
-
-
-def tiny_model(kind: str = "vit", seed: int = 0):
-    """A LoadedModel with random weights (seeded) for one of the TINY architectures."""
-    arch, kw = TINY[kind]
-    torch.manual_seed(seed)
-    return load_model(arch, pretrained=False, **kw)
-
-
-def tiny_input(lm, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, *lm.data_config.input_size, generator=g)
+from tiny_models import TINY  # noqa: E402
 
 
 @pytest.fixture(params=sorted(TINY))

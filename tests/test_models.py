@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import TINY, tiny_model
+from tiny_models import TINY, tiny_model
 from maskaq.models import ALIASES, DataConfig, ModelError, load_model, resolve_name, save_checkpoint
 
 

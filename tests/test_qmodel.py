@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from conftest import tiny_input, tiny_model
+from tiny_models import tiny_input, tiny_model
 from maskaq.params import QuantParams, load_params, read_params
 from maskaq.qmodel import (
     MaskAQAttention,
@@ -81,7 +81,7 @@ def test_bit_identical_with_quantizers_off(any_tiny):
 
 def test_prepared_model_matches_timm(any_tiny):
     """P with the explicit attention equals timm's own (non-fused) maths up to float rounding."""
-    from conftest import TINY
+    from tiny_models import TINY
 
     arch, kw = TINY[any_tiny]
     torch.manual_seed(0)
