@@ -98,7 +98,10 @@ def test_self_describing_checkpoint_any_geometry(tmp_path):
 
 
 def test_offline_without_weights_is_clear(monkeypatch):
+    import huggingface_hub.constants as hc
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)  # read at import time: set the live value too
     arch, kw = TINY["vit"]
     with pytest.raises(ModelError, match="--checkpoint"):
         load_model("vit_tiny_patch16_224.augreg_in21k_ft_in1k", pretrained=True, **kw)
