@@ -11,6 +11,9 @@ import torch
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_torch_save"]
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> None:
     """Call ``writer(tmp_path)`` for a temporary file in the target's directory, then rename it
@@ -20,6 +23,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[str], None]) -> None
     os.close(fd)
     try:
         writer(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

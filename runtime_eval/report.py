@@ -65,6 +65,9 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the report the usual permissions
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(OSError):
