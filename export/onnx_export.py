@@ -1,0 +1,682 @@
+"""QDQ ONNX export of a calibrated fake-quantized model (issue 4).
+
+Pipeline of one export (every step a function below)::
+
+    Q --convert_for_profile--> Q' (tensorrt: symmetric activations, narrow weights)
+      --freeze_model--> E + records (constant quantizers named like Q's)
+      --torch.onnx.export(dynamo=True, custom_translation_table)--> graph with
+            activations: Clip(bounds from s, z) -> QuantizeLinear -> DequantizeLinear
+            weights:     W -> QuantizeLinear(axis 0) -> integer Clip -> DequantizeLinear
+      --_optimize (constant folding, no initializer de-duplication)-->
+      --_rewrite_qdq--> the encodings below, every tensor named after its quantizer
+      --metadata, checker--> OUT.onnx (+ OUT.encodings.json), written atomically
+
+Encodings (docs/export-notes.md):
+* activations, profile ``ort``: 8-bit grids -> Q -> DQ (int8 for signed grids, uint8 for
+  unsigned); 2-7 bit grids -> float Clip to ``[(qmin-z)s, (qmax-z)s]`` -> Q -> DQ ("CQDQ": exact
+  and ORT still fuses the MatMuls into integer kernels). Profile ``tensorrt``: the same, int8
+  only, zero-point 0.
+* weights: int8 initializers holding the b-bit integers -> DequantizeLinear (per output channel),
+  no Q, no Clip. Linear weights are stored transposed (``[in, out]``, axis 1) so the
+  DequantizeLinear feeds the MatMul directly (ORT's QDQ fusion and TensorRT both want that).
+* ``weight_only_int4_block=B``: opset 21, INT4 weights blocked by B along the reduction axis,
+  float activations (no activation Q/DQ at all).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import maskaq
+from maskaq.io import atomic_write, atomic_write_bytes
+from maskaq.models import DataConfig
+from maskaq.quant import export_mode
+
+from .encodings import build_encodings
+from .freeze import QuantRecord, freeze_model, uninitialized_quantizers
+from .profiles import PROFILES, Conversion, convert_for_profile
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ExportError",
+    "ExportResult",
+    "export_onnx",
+    "block_quantize",
+    "block_fake_quant",
+    "DEFAULT_OPSET",
+    "INT4_OPSET",
+    "SUPPORTED_OPSETS",
+]
+
+DEFAULT_OPSET = 20
+INT4_OPSET = 21
+# 18: the dynamo exporter's floor; 23: the newest opset onnxscript and ORT 1.31 both know.
+SUPPORTED_OPSETS = range(18, 24)
+_TWO_GB = 2**31
+_ONNX_DTYPE = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int4": TensorProto.INT4}
+
+
+class ExportError(ValueError):
+    """A model or setting the exporter cannot turn into a valid file (the message says why)."""
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` wrote."""
+
+    path: Path
+    encodings_path: Path
+    profile: str  # "ort" | "tensorrt" | "int4-weight-only"
+    opset: int
+    size_bytes: int
+    num_quantizers: int
+    census: dict[str, int]
+    conversions: list[Conversion] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    external_data: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "encodings_path": str(self.encodings_path),
+            "profile": self.profile,
+            "opset": self.opset,
+            "size_bytes": self.size_bytes,
+            "num_quantizers": self.num_quantizers,
+            "census": self.census,
+            "conversions": [c.to_json() for c in self.conversions],
+            "timings": self.timings,
+            "external_data": str(self.external_data) if self.external_data else None,
+        }
+
+
+# --- INT4 blocked weights (weight-only artifact) ------------------------------------------------
+
+def block_quantize(w: torch.Tensor, axis: int, block: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric blocked quantization of ``w`` along ``axis`` (the reduction axis).
+
+    Per block of ``block`` consecutive elements along ``axis``: ``s = 2 max|w| / (2^b - 1)``
+    (the project's weight formula, method.md §1; all-zero blocks get s = 1), integers
+    ``clamp(round(w / s), -2^(b-1), 2^(b-1) - 1)``. A last partial block is allowed (ONNX
+    blocked DequantizeLinear uses ``ceil(D / block)`` scales).
+
+    Returns:
+        ``(q, scale)``: int8 tensor shaped like ``w``; float32 scale shaped like ``w`` with
+        ``ceil(D / block)`` along ``axis`` (the DequantizeLinear ``x_scale`` layout).
+    """
+    w = w.detach().float()
+    axis = axis % w.dim()
+    d = w.shape[axis]
+    nb = math.ceil(d / block)
+    wt = w.movedim(axis, -1)
+    pad = nb * block - d
+    wp = torch.nn.functional.pad(wt, (0, pad)) if pad else wt
+    blocks = wp.reshape(*wt.shape[:-1], nb, block)
+    amax = blocks.abs().amax(dim=-1)
+    s = 2 * amax / (2**bits - 1)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    q = torch.clamp(torch.round(blocks / s.unsqueeze(-1)), lo, hi)
+    q = q.reshape(*wt.shape[:-1], nb * block)[..., :d]
+    return q.to(torch.int8).movedim(-1, axis).contiguous(), s.movedim(-1, axis).contiguous()
+
+
+def block_fake_quant(w: torch.Tensor, axis: int, block: int, bits: int = 4) -> torch.Tensor:
+    """``DequantizeLinear(block_quantize(w))`` in torch: the reference for the INT4 artifact."""
+    q, s = block_quantize(w, axis, block, bits)
+    return q.float() * s.repeat_interleave(block, dim=axis % w.dim()).narrow(axis % w.dim(), 0, w.shape[axis])
+
+
+# --- the custom-op translation ------------------------------------------------------------------
+
+def _opset_module(opset: int) -> Any:
+    import onnxscript
+
+    mod = getattr(onnxscript, f"opset{opset}", None)
+    if mod is None:
+        raise ExportError(f"onnxscript has no opset {opset}")
+    return mod
+
+
+def translation_table(opset: int) -> dict[Callable, Callable]:
+    """``custom_translation_table`` mapping ``maskaq::fake_quant`` to standard ONNX.
+
+    Per tensor (activations): ``Clip(x, (qmin-z)s, (qmax-z)s) -> QuantizeLinear -> DequantizeLinear``
+    in the zero-point's 8-bit type; exact for every grid of 2-8 bits. Per channel (weights):
+    ``QuantizeLinear(axis) -> integer Clip(qmin, qmax) -> DequantizeLinear(axis)`` (a float Clip
+    cannot take per-channel bounds); the exporter then folds the constant weight part into an
+    integer initializer. The translated graph is exact on its own.
+    """
+    op = _opset_module(opset)
+    FLOAT = TensorProto.FLOAT
+
+    def fake_quant(x, scale, zero_point, qmin: int, qmax: int, axis: int):  # noqa: ANN001,ANN202
+        if axis < 0:
+            zf = op.Cast(zero_point, to=FLOAT)
+            lo = op.Mul(op.Sub(op.Constant(value_float=float(qmin)), zf), scale)
+            hi = op.Mul(op.Sub(op.Constant(value_float=float(qmax)), zf), scale)
+            q = op.QuantizeLinear(op.Clip(x, lo, hi), scale, zero_point)
+            return op.DequantizeLinear(q, scale, zero_point)
+        q = op.QuantizeLinear(x, scale, zero_point, axis=axis)  # weights: int8 zero-points
+        lo = op.Constant(value=helper.make_tensor("qmin", TensorProto.INT8, [], [qmin]))
+        hi = op.Constant(value=helper.make_tensor("qmax", TensorProto.INT8, [], [qmax]))
+        return op.DequantizeLinear(op.Clip(q, lo, hi), scale, zero_point, axis=axis)
+
+    return {torch.ops.maskaq.fake_quant.default: fake_quant}
+
+
+# --- graph passes -------------------------------------------------------------------------------
+
+def _optimize(model: Any) -> None:
+    """Constant folding and clean-up on the ``onnx_ir`` model, like torch's default
+    ``optimize=True`` but without de-duplicating initializers (that would merge equal-valued
+    scales of different quantizers and lose their names). Q/DQ are never folded."""
+    import onnx_ir.passes.common as common
+    import onnxscript.optimizer as opt
+    from onnxscript import rewriter
+
+    opt.inline(model)
+    for _ in range(2):
+        changed = bool(opt.fold_constants_ir(model, onnx_shape_inference=True).modified)
+        rewriter.rewrite(model)
+        opt.remove_unused_nodes(model)
+        if not changed:
+            break
+    for p in (common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+              common.CommonSubexpressionEliminationPass(), common.RemoveUnusedNodesPass()):
+        p(model)
+
+
+class _Graph:
+    """Producer/consumer maps over a GraphProto (rebuilt after each structural edit)."""
+
+    def __init__(self, g: onnx.GraphProto) -> None:
+        self.g = g
+        self.inits = {t.name: t for t in g.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for n in g.node:
+            for o in n.output:
+                self.producer[o] = n
+            for i in n.input:
+                if i:
+                    self.consumers[i].append(n)
+        self.outputs = {o.name for o in g.output}
+
+    def const(self, name: str) -> np.ndarray | None:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        p = self.producer.get(name)
+        if p is not None and p.op_type == "Constant":
+            for a in p.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        return None
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
+    for a in list(node.attribute):
+        if a.name == name:
+            node.attribute.remove(a)
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _tensor(name: str, arr: np.ndarray, storage: str | None = None) -> onnx.TensorProto:
+    if storage == "int4":
+        return helper.make_tensor(name, TensorProto.INT4, list(arr.shape), np.asarray(arr, np.int8).reshape(-1).tolist())
+    if storage is not None:
+        arr = np.asarray(arr).astype({"int8": np.int8, "uint8": np.uint8}[storage])
+    return numpy_helper.from_array(np.array(arr, order="C", copy=True), name)
+
+
+def _rewrite_qdq(model: onnx.ModelProto, records: dict[str, QuantRecord], *, int4_block: int | None) -> None:
+    """Rebuild every quantizer's nodes in its final encoding, named after the quantizer.
+
+    Finds each DequantizeLinear by its scale initializer ``<quantizer>.scale``, checks the
+    pattern the translation emitted, and replaces it (see module docstring). Raises
+    :class:`ExportError` on anything unexpected, so no quantizer can be silently left in an
+    intermediate form.
+    """
+    g = model.graph
+    G = _Graph(g)
+    drop: set[int] = set()  # ids of nodes to remove
+    at: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> nodes replacing it (in place)
+    rename: dict[str, str] = {}
+    new_inits: list[onnx.TensorProto] = []
+    done: set[str] = set()
+
+    def fail(msg: str) -> None:
+        raise ExportError(f"unexpected graph while folding quantizers: {msg}")
+
+    for dq in list(g.node):
+        if dq.op_type != "DequantizeLinear":
+            continue
+        sname = dq.input[1]
+        qname = sname[: -len(".scale")] if sname.endswith(".scale") else None
+        rec = records.get(qname) if qname else None
+        if rec is None:
+            fail(f"DequantizeLinear {dq.name!r} does not belong to a quantizer (scale {sname!r})")
+        if qname in done:
+            fail(f"quantizer {qname} appears twice (shared module?)")
+        done.add(qname)
+        if rec.kind == "activation":
+            q = G.producer.get(dq.input[0])
+            clip = G.producer.get(q.input[0]) if q is not None else None
+            if q is None or q.op_type != "QuantizeLinear" or clip is None or clip.op_type != "Clip":
+                fail(f"{qname}: expected Clip -> QuantizeLinear -> DequantizeLinear")
+            lo, hi = G.const(clip.input[1]), G.const(clip.input[2])
+            want = rec.range
+            if lo is None or hi is None or float(lo) != want[0] or float(hi) != want[1]:
+                fail(f"{qname}: Clip bounds {lo}, {hi} are not the quantizer's range {want}")
+            drop.update((id(q), id(clip)))
+            src = clip.input[0]
+            rec.onnx_input = src
+            if int4_block is not None:  # weight-only: activations stay float
+                rename[dq.output[0]] = src
+                at[id(dq)] = []
+                continue
+            out = dq.output[0] if dq.output[0] in G.outputs else f"{qname}.dequantized"
+            rename[dq.output[0]] = out
+            rec.onnx_output = out
+            nodes = []
+            x = src
+            uses = G.consumers[dq.output[0]]
+            if (len(uses) == 1 and uses[0].op_type == "Transpose" and dq.output[0] not in G.outputs
+                    and len(G.consumers[src]) == 1):
+                # k^T: transpose first, then quantize (per-tensor Q/DQ commute with a transpose),
+                # so the DequantizeLinear feeds the attention MatMul directly. ORT >= 1.31 fails
+                # to create a session at opset >= 21 when its QDQ propagation has to move a Q
+                # across this Transpose itself; TensorRT wants DQ -> MatMul too.
+                t = uses[0]
+                tn = helper.make_node("Transpose", [src], [f"{qname}.transposed"], name=f"{qname}/Transpose")
+                tn.attribute.extend(t.attribute)
+                nodes.append(tn)
+                x = rec.onnx_input = f"{qname}.transposed"
+                drop.add(id(t))
+                rename[t.output[0]] = out
+            if rec.clip is not None:
+                new_inits += [_tensor(f"{qname}.clip_min", np.asarray(rec.clip[0], np.float32)),
+                              _tensor(f"{qname}.clip_max", np.asarray(rec.clip[1], np.float32))]
+                nodes.append(helper.make_node("Clip", [x, f"{qname}.clip_min", f"{qname}.clip_max"],
+                                              [f"{qname}.clipped"], name=f"{qname}/Clip"))
+                x = f"{qname}.clipped"
+            new_inits += [_tensor(f"{qname}.scale", rec.scale.astype(np.float32)),
+                          _tensor(f"{qname}.zero_point", rec.zero_point, rec.storage)]
+            nodes.append(helper.make_node("QuantizeLinear", [x, f"{qname}.scale", f"{qname}.zero_point"],
+                                          [f"{qname}.quantized"], name=f"{qname}/QuantizeLinear"))
+            nodes.append(helper.make_node("DequantizeLinear", [f"{qname}.quantized", f"{qname}.scale", f"{qname}.zero_point"],
+                                          [out], name=f"{qname}/DequantizeLinear"))
+            rec.onnx_extra = {"nodes": [n.name for n in nodes]}
+            at[id(dq)] = nodes
+            continue
+
+        # weights: W -> QuantizeLinear -> integer Clip -> DequantizeLinear
+        clip = G.producer.get(dq.input[0])
+        q = G.producer.get(clip.input[0]) if clip is not None else None
+        if clip is None or clip.op_type != "Clip" or q is None or q.op_type != "QuantizeLinear":
+            fail(f"{qname}: expected QuantizeLinear -> Clip -> DequantizeLinear on the weight")
+        wname = q.input[0]
+        if wname not in G.inits:
+            fail(f"{qname}: the weight {wname!r} is not an initializer")
+        drop.update((id(q), id(clip)))
+        uses = G.consumers[dq.output[0]]
+        w_shared = len(G.consumers[wname]) > 1
+        out_name = f"{rec.owner}.weight" if not w_shared else f"{qname}.dequantized"
+        # Store Linear weights as [in, out] so the DQ feeds MatMul/Gemm without a Transpose.
+        transpose = bool(uses) and rec.qweight is not None and rec.qweight.ndim == 2 and all(
+            (u.op_type == "Transpose" and list(_attr(u, "perm", [1, 0])) == [1, 0])
+            or (u.op_type == "Gemm" and list(u.input[1:2]) == [dq.output[0]] and _attr(u, "transB", 0) == 1
+                and u.input[0] != dq.output[0])
+            for u in uses)
+        if int4_block is not None:
+            w = torch.from_numpy(numpy_helper.to_array(G.inits[wname]).copy())
+            red_axis = 1  # Linear [out, in] and Conv [out, in, kh, kw]: reduce over axis 1 first
+            qi, sc = block_quantize(w, red_axis, int4_block)
+            qi, sc = qi.numpy(), sc.numpy().astype(np.float32)
+            axis = red_axis
+            if transpose:
+                qi, sc, axis = qi.T.copy(), sc.T.copy(), 0
+            rec.storage, rec.bits, rec.qmin, rec.qmax, rec.narrow = "int4", 4, -8, 7, False
+            rec.block_size, rec.axis = int4_block, axis
+            rec.scale, rec.zero_point, rec.qweight = sc, np.zeros(sc.shape, np.int64), qi
+            new_inits += [_tensor(f"{qname}.qweight", qi, "int4"), _tensor(f"{qname}.scale", sc)]
+            dq_new = helper.make_node("DequantizeLinear", [f"{qname}.qweight", f"{qname}.scale"], [out_name],
+                                      name=f"{qname}/DequantizeLinear", axis=axis, block_size=int4_block)
+        else:
+            qi = rec.qweight
+            axis = rec.axis
+            if transpose:
+                qi, axis = qi.T.copy(), 1 - rec.axis
+            new_inits += [_tensor(f"{qname}.qweight", qi, "int8"),
+                          _tensor(f"{qname}.scale", rec.scale.astype(np.float32)),
+                          _tensor(f"{qname}.zero_point", np.zeros(rec.scale.shape, np.int8), "int8")]
+            dq_new = helper.make_node("DequantizeLinear", [f"{qname}.qweight", f"{qname}.scale", f"{qname}.zero_point"],
+                                      [out_name], name=f"{qname}/DequantizeLinear", axis=axis)
+            rec.onnx_extra = {"stored_transposed": transpose, "axis": axis}
+        rec.onnx_input = wname
+        rec.onnx_output = out_name
+        rec.onnx_extra.update({"qweight": f"{qname}.qweight", "transposed": transpose})
+        if not w_shared:
+            g.initializer.remove(G.inits[wname])
+        at[id(dq)] = [dq_new]
+        rename[dq.output[0]] = out_name
+        if transpose:
+            for u in uses:
+                if u.op_type == "Transpose":
+                    drop.add(id(u))
+                    rename[u.output[0]] = out_name
+                else:  # Gemm(transB=1) now reads [in, out]
+                    _set_attr(u, "transB", 0)
+
+    missing = sorted(set(records) - done)
+    if missing:
+        fail(f"quantizers missing from the graph: {missing[:5]}")
+
+    nodes: list[onnx.NodeProto] = []
+    for n in g.node:
+        if id(n) in at:
+            nodes.extend(at[id(n)])
+        elif id(n) not in drop:
+            nodes.append(n)
+    # resolve renames (chains: a -> b -> c)
+    def res(name: str) -> str:
+        seen = 0
+        while name in rename and rename[name] != name and seen < 8:
+            name, seen = rename[name], seen + 1
+        return name
+
+    for n in nodes:
+        for i, name in enumerate(n.input):
+            if name:
+                n.input[i] = res(name)
+    for o in g.output:
+        if o.name in rename and res(o.name) != o.name:
+            fail(f"graph output {o.name!r} would be renamed")
+    del g.node[:]
+    g.node.extend(nodes)
+    have = {t.name for t in g.initializer}
+    for t in new_inits:
+        if t.name in have:
+            g.initializer.remove(next(x for x in g.initializer if x.name == t.name))
+        g.initializer.append(t)
+        have.add(t.name)
+    _remove_dead(model)
+
+
+def _remove_dead(model: onnx.ModelProto) -> None:
+    """Drop nodes whose outputs nobody reads and initializers nobody uses."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+    keep: list[onnx.NodeProto] = []
+    for n in reversed(list(g.node)):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(i for i in n.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    used = {i for n in keep for i in n.input} | {o.name for o in g.output}
+    for t in [t for t in g.initializer if t.name not in used]:
+        g.initializer.remove(t)
+    del g.value_info[:]
+
+
+def op_census(model: onnx.ModelProto) -> dict[str, int]:
+    """Op-type counts of the main graph, most common first."""
+    return dict(Counter(n.op_type for n in model.graph.node).most_common())
+
+
+# --- metadata -----------------------------------------------------------------------------------
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shaped the file."""
+    out = {"python": platform.python_version(), "maskaq": maskaq.__version__}
+    for mod in ("torch", "onnx", "onnxruntime", "onnxscript", "onnx_ir", "timm", "numpy"):
+        m = sys.modules.get(mod)
+        if m is None:
+            try:
+                m = __import__(mod)
+            except Exception:  # noqa: BLE001 - optional packages
+                continue
+        out[mod] = str(getattr(m, "__version__", "unknown"))
+    return out
+
+
+def _quant_config(Q: nn.Module, records: dict[str, QuantRecord]) -> tuple[int, int, dict[str, Any]]:
+    cfg = getattr(Q, "maskaq_quant_config", None)
+    if cfg is not None:
+        return int(cfg.w_bits), int(cfg.a_bits), cfg.to_json()
+    wb = Counter(r.bits for r in records.values() if r.kind == "weight").most_common(1)
+    ab = Counter(r.bits for r in records.values() if r.kind == "activation").most_common(1)
+    return (wb[0][0] if wb else 32), (ab[0][0] if ab else 32), {}
+
+
+def _metadata(
+    Q: nn.Module, records: dict[str, QuantRecord], data_config: DataConfig, profile_tag: str, opset: int,
+    metadata: dict[str, Any], labels: list[str] | None, source: dict[str, Any] | None,
+    conversions: list[Conversion], int4_block: int | None,
+) -> dict[str, str]:
+    w_bits, a_bits, qcfg = _quant_config(Q, records)
+    if int4_block is not None:
+        w_bits, a_bits = 4, 32
+    quant = {"w_bits": w_bits, "a_bits": a_bits, "profile": profile_tag, "method": str(metadata.get("method", "unknown"))}
+    if not records:  # every quantizer disabled: a float model (contract: profile fp32)
+        quant = {"profile": "fp32", "method": quant["method"]}
+    if qcfg.get("keep_first_last_8bit"):
+        quant["keep_first_last_8bit"] = True
+    if int4_block is not None:
+        quant["block_size"] = int4_block
+    if conversions:
+        quant["converted"] = {"activations": sum(c.kind == "activation" for c in conversions),
+                              "weights": sum(c.kind == "weight" for c in conversions)}
+    pre = data_config.to_json()
+    pre = {"input_size": list(pre["input_size"]), "mean": list(pre["mean"]), "std": list(pre["std"]),
+           "crop_pct": float(pre["crop_pct"]), "crop_mode": pre.get("crop_mode", "center"),
+           "interpolation": pre["interpolation"], "channels": int(pre["channels"])}
+    src = dict(source) if source else {"model": type(Q).__name__, "checkpoint": None, "weights": "unknown"}
+    config = metadata.get("config")
+    if config is None:
+        config = {"quant": qcfg, "profile": profile_tag, "opset": opset}
+    meta = {
+        "maskaq.schema": "1",
+        "maskaq.task": str(metadata.get("task", "classification")),
+        "maskaq.preprocessing": json.dumps(pre),
+        "maskaq.source": json.dumps(src),
+        "maskaq.quant": json.dumps(quant),
+        "maskaq.config": json.dumps(config, default=str),
+        "maskaq.versions": json.dumps(package_versions()),
+    }
+    if labels:
+        meta["maskaq.labels"] = json.dumps(list(labels))
+    if metadata.get("seed") is not None:
+        meta["maskaq.seed"] = str(int(metadata["seed"]))
+    for k, v in metadata.items():  # anything else the caller wants to carry
+        if k in ("method", "config", "seed", "task"):
+            continue
+        key = k if k.startswith("maskaq.") else f"maskaq.{k}"
+        meta[key] = v if isinstance(v, str) else json.dumps(v, default=str)
+    return meta
+
+
+def encodings_path_for(path: str | os.PathLike) -> Path:
+    """``model.onnx`` -> ``model.encodings.json`` (other names: ``<name>.encodings.json``)."""
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix.lower() == ".onnx" else p
+    return Path(f"{stem}.encodings.json")
+
+
+# --- the public verb ----------------------------------------------------------------------------
+
+def _check_args(Q: nn.Module, profile: str, opset: int | None, int4_block: int | None) -> int:
+    if profile not in PROFILES:
+        raise ExportError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    if int4_block is not None:
+        if not isinstance(int4_block, int) or int4_block < 16 or int4_block & (int4_block - 1):
+            raise ExportError(f"block size {int4_block!r} is not supported; valid: a power of two >= 16 (32, 64, 128)")
+        if opset is not None and opset < INT4_OPSET:
+            raise ExportError(f"INT4 weights need opset >= {INT4_OPSET}, got --opset {opset}")
+        opset = opset or INT4_OPSET
+    opset = DEFAULT_OPSET if opset is None else opset
+    if opset not in SUPPORTED_OPSETS:
+        raise ExportError(f"opset {opset} is not supported; valid: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
+    bad = uninitialized_quantizers(Q)
+    if bad:
+        raise ExportError(
+            f"{len(bad)} activation quantizers were never initialised ({', '.join(bad[:3])}...); "
+            "run at least one batch through the model (calibrate it) before exporting")
+    return opset
+
+
+def export_onnx(
+    Q: nn.Module,
+    path: str | os.PathLike,
+    *,
+    data_config: DataConfig,
+    profile: str = "ort",
+    opset: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    labels: list[str] | None = None,
+    source: dict[str, Any] | None = None,
+    weight_only_int4_block: int | None = None,
+    check: bool = True,
+) -> ExportResult:
+    """Export a calibrated fake-quantized model Q to a QDQ ONNX file (docs/onnx-contract.md).
+
+    Args:
+        Q: calibrated model from :func:`maskaq.qmodel.quantize_model` (not modified).
+        path: output ``.onnx``; the AIMET-layout sidecar ``<path without .onnx>.encodings.json``
+            is written beside it.
+        data_config: preprocessing written into the metadata; its input size shapes the graph.
+        profile: ``"ort"`` (exact CQDQ, asymmetric) or ``"tensorrt"`` (symmetric int8, narrow
+            weights; an asymmetric Q is converted, see :mod:`export.profiles`).
+        opset: ONNX opset (default 20; 21 with INT4 weights).
+        metadata: ``{"method": str, "config": dict, "seed": int, "task": str, ...}``; other keys
+            become ``maskaq.<key>`` metadata.
+        labels: class names in output order.
+        source: where the weights came from (``LoadedModel.source``).
+        weight_only_int4_block: write the weight-only INT4 artifact instead (block size B along
+            the reduction axis, float activations).
+        check: run ``onnx.checker.check_model(full_check=True)`` before writing.
+
+    Returns:
+        :class:`ExportResult`.
+
+    Raises:
+        ExportError: bad profile/opset/block size, uninitialised quantizers, output directory
+            missing, or a graph the exporter does not recognise. Nothing is written then.
+
+    Example:
+        >>> res = export_onnx(Q, "deit_t.4w4a.onnx", data_config=lm.data_config,
+        ...                   metadata={"method": "maskaq", "seed": 0})
+    """
+    t0 = time.perf_counter()
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ExportError(f"output directory {str(path.parent)!r} does not exist")
+    metadata = dict(metadata or {})
+    opset = _check_args(Q, profile, opset, weight_only_int4_block)
+    int4 = weight_only_int4_block
+    profile_tag = "int4-weight-only" if int4 is not None else profile
+
+    was_training = Q.training
+    M, conversions = convert_for_profile(Q, profile if int4 is None else "ort")
+    M = M.cpu().eval()  # trace on the CPU, whatever device Q lives on
+    records = freeze_model(M, profile if int4 is None else "ort")
+    if was_training:
+        log.debug("exporting a copy of Q in eval mode (Q itself is in training mode)")
+    for c in conversions:
+        log.info("tensorrt conversion: %s: %s", c.name, c.what)
+    c, h, w = data_config.input_size
+    example = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
+    t1 = time.perf_counter()
+    import warnings
+
+    with export_mode(), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            prog = torch.onnx.export(
+                M, (example,), dynamo=True, optimize=False, verbose=False, opset_version=opset,
+                custom_translation_table=translation_table(opset),
+                input_names=["input"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
+            )
+        except Exception as e:  # noqa: BLE001 - torch.export raises many types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"torch.onnx.export failed for {type(Q).__name__}: {first}") from e
+    t2 = time.perf_counter()
+    _optimize(prog.model)
+    model = prog.model_proto
+    del prog, M
+    if len(model.graph.output) != 1:
+        raise ExportError(f"the model has {len(model.graph.output)} outputs; a classifier must have one (logits)")
+    _rewrite_qdq(model, records, int4_block=int4)
+    model.graph.name = "maskaq"
+    model.producer_name = "maskaq"
+    model.producer_version = maskaq.__version__
+    model.doc_string = f"MaskAQ QDQ export, profile {profile_tag}, opset {opset}"
+    meta = _metadata(Q, records, data_config, profile_tag, opset, metadata, labels, source, conversions, int4)
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    t3 = time.perf_counter()
+    enc = build_encodings(records, profile_tag, opset)
+    enc_path = encodings_path_for(path)
+    size = model.ByteSize()
+    external = None
+    if size < _TWO_GB - (1 << 24):
+        data = model.SerializeToString()
+        if check:
+            onnx.checker.check_model(model, full_check=True)
+        t4 = time.perf_counter()
+        atomic_write_bytes(enc_path, (json.dumps(enc, indent=1) + "\n").encode())
+        try:
+            atomic_write_bytes(path, data)
+        except BaseException:
+            enc_path.unlink(missing_ok=True)
+            raise
+        size = len(data)
+    else:  # > 2 GB: protobuf's limit; weights go to <path>.data beside the file
+        external = Path(str(path) + ".data")
+        t4 = time.perf_counter()
+        atomic_write_bytes(enc_path, (json.dumps(enc, indent=1) + "\n").encode())
+
+        def writer(tmp: str) -> None:
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=external.name, size_threshold=1024)
+            if check:
+                onnx.checker.check_model(tmp, full_check=True)
+
+        atomic_write(path, writer)
+        size = path.stat().st_size + external.stat().st_size
+    t5 = time.perf_counter()
+    return ExportResult(
+        path=path, encodings_path=enc_path, profile=profile_tag, opset=opset, size_bytes=size,
+        num_quantizers=len(records), census=op_census(model), conversions=conversions,
+        timings={"prepare_s": t1 - t0, "torch_export_s": t2 - t1, "rewrite_s": t3 - t2,
+                 "check_s": t4 - t3, "write_s": t5 - t4, "total_s": t5 - t0},
+        external_data=external,
+    )
