@@ -652,7 +652,7 @@ def synthesize(
     snap = _quantizer_snapshot(Q)
     models = [P] + ([Q] if Q is not None else [])
     with _synthesis_mode(models), tqdm(total=cfg.steps * len(todo), unit="step", file=sys.stderr,
-                                       disable=not progress, desc=f"synthesis round {round}",
+                                       disable=None if progress else True, desc=f"synthesis round {round}",
                                        dynamic_ncols=True) as bar:
         try:
             for b, fp, path in todo:
