@@ -133,7 +133,7 @@ def run_fp32(out: Path, split: str) -> dict[str, Any]:
     lm = load_model(MODEL)
     path = out / "runs" / "fp32.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(lm.model, path, data_config=lm.data_config, labels=lm.labels, source=lm.source, profile="fp32")
+    export_onnx(lm.model, path, data_config=lm.data_config, labels=lm.labels, source=lm.source)  # float graph
     x, y = eval_split(split, lm.data_config)
     t = torch_top1(lm.model, x, y)
     o = onnx_top1(path) if split == "test" else None
