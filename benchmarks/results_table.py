@@ -144,8 +144,9 @@ def run_fp32(out: Path, split: str) -> dict[str, Any]:
 def _ms(v: list[float]) -> str:
     if not v:
         return "-"
-    sd = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{statistics.mean(v):.2f} ± {sd:.2f}"
+    if len(v) == 1:
+        return f"{v[0]:.2f}"  # one seed: no spread to report
+    return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}"
 
 
 def write_report(out: Path, docs: Path, command: str) -> None:
@@ -178,7 +179,12 @@ def write_report(out: Path, docs: Path, command: str) -> None:
     md = docs / "RESULTS.md"
     text = md.read_text() if md.exists() else "# Results\n"
     start, end = "<!-- results-table:start -->", "<!-- results-table:end -->"
-    block = f"{start}\nCommand: `{command}`\n\n{table}{end}"
+    try:
+        where = out.resolve().relative_to(ROOT)
+    except ValueError:
+        where = out
+    block = (f"{start}\nRecords in `{where}/records` ({len(recs)}), from one or more runs of "
+             f"`benchmarks/results_table.py`; the last: `{command}`\n\n{table}{end}")
     if start in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
