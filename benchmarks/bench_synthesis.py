@@ -35,6 +35,7 @@ if str(_ROOT) not in sys.path:
 
 import timm  # noqa: E402
 
+from maskaq.io import atomic_write_bytes  # noqa: E402
 from maskaq.models import DataConfig  # noqa: E402
 from maskaq.qmodel import QuantConfig, prepare_model, quantize_model  # noqa: E402
 from maskaq.synthesis import SynthConfig, _synthesis_mode, attention_layout, synthesis_step  # noqa: E402
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
            "with frozen weights. Target ratio <= 1.25x.\n")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(doc)
+    atomic_write_bytes(out, doc.encode())
     print(table)
     print(f"\nwritten to {out}")
     return 0

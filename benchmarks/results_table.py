@@ -191,7 +191,7 @@ def write_report(out: Path, docs: Path, command: str) -> None:
         text = text.rstrip() + "\n\n## Accuracy (Fashion-MNIST reference ViT, 10k test images)\n\n" + block + "\n"
     atomic_write_bytes(md, text.encode())
     _plot(recs, docs / "results_top1_vs_bits.png", fp[0]["onnx_top1"] if fp else None)
-    for m in ("psaq", "mimiq", "maskaq"):
+    for m in MAIN_METHODS:  # one sample grid per method (4w4a, seed 0)
         src = out / "runs" / f"{m}__4w4a__s0" / "samples.png"
         if src.exists():
             shutil.copyfile(src, docs / f"samples_{m}.png")
