@@ -43,10 +43,11 @@ from maskaq.io import atomic_write_bytes  # noqa: E402
 from maskaq.models import DataConfig  # noqa: E402
 from maskaq.qmodel import QuantConfig, prepare_model, quantize_model  # noqa: E402
 
+# smallest first: the max RSS only grows within the process, so each row's peak is its own
 MODELS = {
-    "deit_tiny (random)": ("deit_tiny_patch16_224", {}),
     "fmnist_vit (1x28x28, p4, 96w, 6L, 3H)": ("vit_tiny_patch16_224", dict(
         img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=3)),
+    "deit_tiny (random)": ("deit_tiny_patch16_224", {}),
 }
 
 
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--reps", type=int, default=5, help="timed epochs (one more warms up)")
-    p.add_argument("--images", type=int, nargs=2, default=[32, 64], help="images per epoch: DeiT-T shape, reference shape")
-    p.add_argument("--batch", type=int, nargs=2, default=[8, 16], help="batch: DeiT-T shape, reference shape")
+    p.add_argument("--images", type=int, nargs=2, default=[64, 32], help="images per epoch: reference shape, DeiT-T shape")
+    p.add_argument("--batch", type=int, nargs=2, default=[16, 8], help="batch: reference shape, DeiT-T shape")
     p.add_argument("--bits", default="4w4a")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))

@@ -86,6 +86,24 @@ class _Command(click.Command):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+class _ExportCommand(_Command):
+    """``maskaq-export``: a dense model alias (``swin_t_upernet``, ``swin_t_mask_rcnn``...) hands
+    the whole command line over to :func:`export.dense_cli.dense_main`."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        from maskaq.dense.quantize import DENSE_MODELS
+
+        if any(a in DENSE_MODELS for a in argv):
+            from .dense_cli import dense_main
+
+            return dense_main.main(args=argv, prog_name=prog_name, complete_var=complete_var,
+                                   standalone_mode=standalone_mode, **extra)
+        return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                            standalone_mode=standalone_mode, **extra)
+
+
 def _out_paths(out: Path) -> dict[str, Path]:
     stem = out.with_suffix("") if out.suffix.lower() == ".onnx" else out
     return {"onnx": out, "encodings": Path(f"{stem}.encodings.json"), "report": Path(f"{stem}.report.json"),
@@ -182,7 +200,7 @@ def _given(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
-@click.command(cls=_Command, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=_ExportCommand, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model", required=False, metavar="[MODEL]")
 @click.option("--bits", "w_bits", type=int, default=None, metavar="W",
               help="Weight bit width, 2-8 (also the activation width unless --a-bits).")
@@ -220,7 +238,8 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
     """Quantize a Vision Transformer without data (MaskAQ) and export it as a QDQ ONNX file.
 
     MODEL is an alias (fmnist_vit, deit_t, deit_s, deit_b, vit_t, vit_s, vit_b, swin_t, swin_s),
-    a timm model name, or a maskaq checkpoint file.
+    a timm model name, or a maskaq checkpoint file. Dense models (swin_t_mask_rcnn,
+    swin_t_upernet) take their own options and write a directory: maskaq-export swin_t_upernet --help.
     """
     t_start = time.perf_counter()
     _setup_logging(quiet)

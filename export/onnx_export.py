@@ -183,18 +183,39 @@ def translation_table(opset: int) -> dict[Callable, Callable]:
 
 # --- graph passes -------------------------------------------------------------------------------
 
-def _optimize(model: Any) -> None:
+def _rewrite_rules(keep_relu: bool) -> Any:
+    """onnxscript's default rewrite rules; ``keep_relu`` drops the Relu/Clip fusion, which would
+    merge a ReLU into the Clip of a following activation quantizer (CNN heads: conv -> ReLU ->
+    quantized conv) and so hide the quantizer's own range from :func:`_rewrite_qdq`."""
+    from onnxscript import rewriter
+
+    if not keep_relu:
+        return None  # the default rules
+    fuse = getattr(rewriter, "_fuse_relus_clips", None)
+    rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if fuse is None or rules is None:
+        return ()  # unknown onnxscript layout: no rewrite rules at all (folding still runs)
+    drop = {id(r) for r in fuse.rules}
+    return tuple(r for r in rules if id(r) not in drop)
+
+
+def _optimize(model: Any, keep_relu: bool = False) -> None:
     """Constant folding and clean-up on the ``onnx_ir`` model, like torch's default
     ``optimize=True`` but without de-duplicating initializers (that would merge equal-valued
-    scales of different quantizers and lose their names). Q/DQ are never folded."""
+    scales of different quantizers and lose their names). Q/DQ are never folded.
+    ``keep_relu``: see :func:`_rewrite_rules` (the dense exporter sets it)."""
     import onnx_ir.passes.common as common
     import onnxscript.optimizer as opt
     from onnxscript import rewriter
 
+    rules = _rewrite_rules(keep_relu)
     opt.inline(model)
     for _ in range(2):
         changed = bool(opt.fold_constants_ir(model, onnx_shape_inference=True).modified)
-        rewriter.rewrite(model)
+        if rules is None:
+            rewriter.rewrite(model)
+        elif rules:
+            rewriter.rewrite(model, pattern_rewrite_rules=list(rules))
         opt.remove_unused_nodes(model)
         if not changed:
             break
@@ -252,8 +273,15 @@ def _tensor(name: str, arr: np.ndarray, storage: str | None = None) -> onnx.Tens
     return numpy_helper.from_array(np.array(arr, order="C", copy=True), name)
 
 
-def _rewrite_qdq(model: onnx.ModelProto, records: dict[str, QuantRecord], *, int4_block: int | None) -> None:
+def _rewrite_qdq(model: onnx.ModelProto, records: dict[str, QuantRecord], *, int4_block: int | None,
+                 shared_modules: bool = False) -> None:
     """Rebuild every quantizer's nodes in its final encoding, named after the quantizer.
+
+    ``shared_modules``: a quantizer may appear more than once (a module called on several
+    inputs, e.g. the RPN head shared by the FPN levels): each call of an activation quantizer
+    gets its own nodes (names suffixed ``.1``, ``.2``...) on the same scale/zero-point
+    initializers; a weight is stored once and every call reads its DequantizeLinear. Off for the
+    classifier path, where a repeated quantizer means something went wrong.
 
     Finds each DequantizeLinear by its scale initializer ``<quantizer>.scale``, checks the
     pattern the translation emitted, and replaces it (see module docstring). Raises
@@ -267,6 +295,7 @@ def _rewrite_qdq(model: onnx.ModelProto, records: dict[str, QuantRecord], *, int
     rename: dict[str, str] = {}
     new_inits: list[onnx.TensorProto] = []
     done: set[str] = set()
+    uses_of: Counter = Counter()
 
     def fail(msg: str) -> None:
         raise ExportError(f"unexpected graph while folding quantizers: {msg}")
@@ -279,10 +308,26 @@ def _rewrite_qdq(model: onnx.ModelProto, records: dict[str, QuantRecord], *, int
         rec = records.get(qname) if qname else None
         if rec is None:
             fail(f"DequantizeLinear {dq.name!r} does not belong to a quantizer (scale {sname!r})")
-        if qname in done:
+        k = uses_of[qname]
+        uses_of[qname] += 1
+        if qname in done and not shared_modules:
             fail(f"quantizer {qname} appears twice (shared module?)")
+        if qname in done and rec.kind == "weight":
+            # a shared module's later call re-quantizes the same weight: read the first call's
+            # dequantized weight instead (same integers, same scales)
+            clip = G.producer.get(dq.input[0])
+            q = G.producer.get(clip.input[0]) if clip is not None else None
+            if clip is None or clip.op_type != "Clip" or q is None or q.op_type != "QuantizeLinear":
+                fail(f"{qname}: expected QuantizeLinear -> Clip -> DequantizeLinear on the weight")
+            if rec.onnx_extra.get("transposed"):
+                fail(f"{qname}: a shared Linear weight stored transposed is not supported")
+            drop.update((id(q), id(clip)))
+            at[id(dq)] = []
+            rename[dq.output[0]] = str(rec.onnx_output)
+            continue
         done.add(qname)
         if rec.kind == "activation":
+            tag = f".{k}" if k else ""  # a shared module's later calls: same quantizer, own nodes
             q = G.producer.get(dq.input[0])
             clip = G.producer.get(q.input[0]) if q is not None else None
             if q is None or q.op_type != "QuantizeLinear" or clip is None or clip.op_type != "Clip":
@@ -293,14 +338,16 @@ def _rewrite_qdq(model: onnx.ModelProto, records: dict[str, QuantRecord], *, int
                 fail(f"{qname}: Clip bounds {lo}, {hi} are not the quantizer's range {want}")
             drop.update((id(q), id(clip)))
             src = clip.input[0]
-            rec.onnx_input = src
+            if not k:
+                rec.onnx_input = src
             if int4_block is not None:  # weight-only: activations stay float
                 rename[dq.output[0]] = src
                 at[id(dq)] = []
                 continue
-            out = dq.output[0] if dq.output[0] in G.outputs else f"{qname}.dequantized"
+            out = dq.output[0] if dq.output[0] in G.outputs else f"{qname}.dequantized{tag}"
             rename[dq.output[0]] = out
-            rec.onnx_output = out
+            if not k:
+                rec.onnx_output = out
             nodes = []
             x = src
             uses = G.consumers[dq.output[0]]
@@ -311,25 +358,30 @@ def _rewrite_qdq(model: onnx.ModelProto, records: dict[str, QuantRecord], *, int
                 # to create a session at opset >= 21 when its QDQ propagation has to move a Q
                 # across this Transpose itself; TensorRT wants DQ -> MatMul too.
                 t = uses[0]
-                tn = helper.make_node("Transpose", [src], [f"{qname}.transposed"], name=f"{qname}/Transpose")
+                tn = helper.make_node("Transpose", [src], [f"{qname}.transposed{tag}"], name=f"{qname}/Transpose{tag}")
                 tn.attribute.extend(t.attribute)
                 nodes.append(tn)
-                x = rec.onnx_input = f"{qname}.transposed"
+                x = f"{qname}.transposed{tag}"
+                if not k:
+                    rec.onnx_input = x
                 drop.add(id(t))
                 rename[t.output[0]] = out
             if rec.clip is not None:
                 new_inits += [_tensor(f"{qname}.clip_min", np.asarray(rec.clip[0], np.float32)),
                               _tensor(f"{qname}.clip_max", np.asarray(rec.clip[1], np.float32))]
                 nodes.append(helper.make_node("Clip", [x, f"{qname}.clip_min", f"{qname}.clip_max"],
-                                              [f"{qname}.clipped"], name=f"{qname}/Clip"))
-                x = f"{qname}.clipped"
+                                              [f"{qname}.clipped{tag}"], name=f"{qname}/Clip{tag}"))
+                x = f"{qname}.clipped{tag}"
             new_inits += [_tensor(f"{qname}.scale", rec.scale.astype(np.float32)),
                           _tensor(f"{qname}.zero_point", rec.zero_point, rec.storage)]
             nodes.append(helper.make_node("QuantizeLinear", [x, f"{qname}.scale", f"{qname}.zero_point"],
-                                          [f"{qname}.quantized"], name=f"{qname}/QuantizeLinear"))
-            nodes.append(helper.make_node("DequantizeLinear", [f"{qname}.quantized", f"{qname}.scale", f"{qname}.zero_point"],
-                                          [out], name=f"{qname}/DequantizeLinear"))
-            rec.onnx_extra = {"nodes": [n.name for n in nodes]}
+                                          [f"{qname}.quantized{tag}"], name=f"{qname}/QuantizeLinear{tag}"))
+            nodes.append(helper.make_node("DequantizeLinear", [f"{qname}.quantized{tag}", f"{qname}.scale", f"{qname}.zero_point"],
+                                          [out], name=f"{qname}/DequantizeLinear{tag}"))
+            if not k:
+                rec.onnx_extra = {"nodes": [n.name for n in nodes]}
+            else:
+                rec.onnx_extra["calls"] = k + 1
             at[id(dq)] = nodes
             continue
 

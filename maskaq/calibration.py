@@ -48,6 +48,8 @@ __all__ = [
     "TensorBatches",
     "derive_seed",
     "kd_loss",
+    "pixel_kd_loss",
+    "feature_distill_loss",
     "weighted_ssim_cs",
     "head_token_weights",
     "cls_attention_weights",
@@ -280,6 +282,43 @@ def kd_loss(logits_q: torch.Tensor, logits_p: torch.Tensor, temperature: float =
     lq = F.log_softmax(logits_q.float() / t, dim=-1)
     lp = F.log_softmax(logits_p.float() / t, dim=-1)
     return F.kl_div(lq, lp, reduction="batchmean", log_target=True) * (t * t)
+
+
+def pixel_kd_loss(logits_q: torch.Tensor, logits_p: torch.Tensor, temperature: float = 5.0) -> torch.Tensor:
+    """Dense L_KD [ours]: :func:`kd_loss` at every pixel of segmentation logits ``[B, K, h, w]``
+    (softmax over the K classes), averaged over images and pixels:
+    ``T^2 * mean_{b,y,x} KL(softmax(z_P/T) || softmax(z_Q/T))``.
+
+    Example:
+        >>> pixel_kd_loss(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2))
+        tensor(0.)
+    """
+    if logits_q.dim() != 4 or logits_q.shape != logits_p.shape:
+        raise CalibError(f"pixel_kd_loss needs two [B, K, h, w] logit maps of one shape, got "
+                         f"{tuple(logits_q.shape)} and {tuple(logits_p.shape)}")
+    K = logits_q.shape[1]
+    return kd_loss(logits_q.movedim(1, -1).reshape(-1, K), logits_p.movedim(1, -1).reshape(-1, K), temperature)
+
+
+def feature_distill_loss(feats_q: Sequence[torch.Tensor] | torch.Tensor,
+                         feats_p: Sequence[torch.Tensor] | torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Normalised feature distillation [ours] for outputs that are feature maps (Mask R-CNN's
+    FPN levels p2..p6): per level ``||F_Q - F_P||^2 / ||F_P||^2`` over the batch (a relative
+    squared error, so levels of different magnitude and size weigh the same), averaged over
+    levels. 0 when Q reproduces P; 1 for ``F_Q = 0``.
+
+    Example:
+        >>> f = [torch.ones(1, 2, 4, 4)]
+        >>> feature_distill_loss([torch.zeros(1, 2, 4, 4)], f)
+        tensor(1.)
+    """
+    fq = [feats_q] if isinstance(feats_q, torch.Tensor) else list(feats_q)
+    fp = [feats_p] if isinstance(feats_p, torch.Tensor) else list(feats_p)
+    if len(fq) != len(fp) or not fq or any(a.shape != b.shape for a, b in zip(fq, fp)):
+        raise CalibError(f"feature_distill_loss needs the same feature maps for Q and P, got shapes "
+                         f"{[tuple(a.shape) for a in fq]} and {[tuple(b.shape) for b in fp]}")
+    per = [(a.float() - b.float()).square().sum() / (b.float().square().sum() + eps) for a, b in zip(fq, fp)]
+    return torch.stack(per).mean()
 
 
 def weighted_ssim_cs(t: torch.Tensor, q: torch.Tensor, w: torch.Tensor | None = None,
@@ -635,6 +674,7 @@ def calibrate(
     refresh: Callable[[int], BatchSource] | None = None,
     data_round: int = 0,
     data_config: Any = None,
+    distill: Callable[[Any, Any], torch.Tensor] | None = None,
 ) -> CalibResult:
     """Train Q to mimic P with ``L = L_KD + gamma * L_HD`` (method.md §3, Eq. 16).
 
@@ -660,6 +700,11 @@ def calibrate(
         data_round: the round ``data`` belongs to.
         data_config: :class:`maskaq.models.DataConfig` for the augmentation (mean/std); read
             from P when None.
+        distill: ``f(out_Q, out_P) -> scalar``, the output-distillation term that takes L_KD's
+            place for models without class logits (dense models: per-pixel KD on segmentation
+            logits, normalised feature distillation on FPN maps, :mod:`maskaq.dense.quantize`);
+            recorded as ``"kd"``. None (default): L_KD on the logits with ``cfg.kd_temperature``.
+            It is not part of the checkpoint fingerprint: a resumed run must pass the same one.
 
     Returns:
         :class:`CalibResult` (per-epoch and per-step losses, timings), over the whole run
@@ -793,7 +838,7 @@ def calibrate(
                             zq = model(x_loc)
                     else:
                         rq, zq = [], model(x_loc)
-                    l_kd = kd_loss(zq, zp, cfg.kd_temperature)
+                    l_kd = kd_loss(zq, zp, cfg.kd_temperature) if distill is None else distill(zq, zp)
                     if record_what:
                         weights = None
                         if cfg.head_mask == "cls_attention":

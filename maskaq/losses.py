@@ -349,15 +349,28 @@ def received_scores(S: torch.Tensor) -> torch.Tensor:
 
 
 def windows_to_grid(scores: torch.Tensor, batch: int, resolution: tuple[int, int],
-                    window: tuple[int, int], shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
+                    window: tuple[int, int], shift: tuple[int, int] = (0, 0),
+                    order: str = "shift_pad") -> torch.Tensor:
     """Put per-window token scores of one Swin block back on the block's token grid.
 
-    Inverts timm's ``SwinTransformerBlock._attn``: windows ``[B*nW, wh*ww]`` -> window reverse on
-    the padded grid -> crop to ``resolution`` -> undo the cyclic shift (roll by ``+shift``).
+    ``order`` says how the block made its windows, and this function inverts it:
+
+    * ``"shift_pad"`` (timm's ``SwinTransformerBlock._attn``: roll by ``-shift``, then pad):
+      windows ``[B*nW, wh*ww]`` -> window reverse on the padded grid -> crop to ``resolution``
+      -> undo the cyclic shift (roll by ``+shift``);
+    * ``"pad_shift"`` (the original Swin of the dense checkpoints, ``maskaq.dense.swin``: pad,
+      then roll by ``-shift`` on the padded map): window reverse on the padded grid -> roll by
+      ``+shift`` on the padded grid -> crop. Token ``(i, j)`` then comes from padded position
+      ``((i - s_h) mod Hp, (j - s_w) mod Wp)``.
+
+    The two agree when the resolution is a multiple of the window (no padding) or there is no
+    shift.
 
     Returns:
         ``[B, H, W]`` where ``(H, W) = resolution``.
     """
+    if order not in ("shift_pad", "pad_shift"):
+        raise ValueError(f"order {order!r} is not valid; valid: shift_pad, pad_shift")
     H, W = resolution
     wh, ww = window
     Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
@@ -367,6 +380,10 @@ def windows_to_grid(scores: torch.Tensor, batch: int, resolution: tuple[int, int
             f"window scores of shape {tuple(scores.shape)} do not fit batch {batch}, resolution "
             f"{resolution}, window {window} (expected [{batch * nW}, {wh * ww}])")
     g = scores.view(batch, Hp // wh, Wp // ww, wh, ww).permute(0, 1, 3, 2, 4).reshape(batch, Hp, Wp)
+    if order == "pad_shift":
+        if any(shift):
+            g = torch.roll(g, shifts=tuple(shift), dims=(1, 2))
+        return g[:, :H, :W]
     g = g[:, :H, :W]
     if any(shift):
         g = torch.roll(g, shifts=tuple(shift), dims=(1, 2))

@@ -28,6 +28,14 @@ L_MAA (Eq. 14) are the mean logit the token *receives* inside its window (averag
 queries), put back on the block's token grid (window reverse, undo the cyclic shift) and
 upsampled (nearest) to the token grid of the first stage; the mask lives on that grid. The
 reference code crashes (stacks layers of different shapes) or adds nothing for Swin there.
+
+Dense Swin [ours] (``maskaq.dense``: Mask R-CNN / UperNet backbones): the same, at the dense
+model's input size (``data_config.input_size``, any size: the blocks pad to a multiple of the
+window); these blocks pad *then* shift, and the window-to-grid mapping follows that order
+(``attention_layout`` asks the backbone's ``window_geometries``). Padding tokens take part in
+the model's attention (the original Swin does not mask them), so L_IHA and L_DE see them too;
+the token scores of L_MAA and the mask are cropped to the real grid. The backbone returns
+feature maps, not logits, so L_CE must be off (``use_ce=False``, the dense default).
 """
 from __future__ import annotations
 
@@ -331,6 +339,7 @@ class _Layer:
     resolution: tuple[int, int] = (0, 0)  # Swin: the block's token grid
     window: tuple[int, int] = (0, 0)
     shift: tuple[int, int] = (0, 0)
+    order: str = "shift_pad"  # how the block makes windows (losses.windows_to_grid)
 
 
 @dataclass(frozen=True)
@@ -340,13 +349,37 @@ class _Layout:
     windowed: bool
 
 
-def attention_layout(model: nn.Module) -> _Layout:
+def _dense_geometries(model: nn.Module, input_size: tuple[int, int] | None) -> dict[int, Any]:
+    """``id(block) -> WindowGeometry`` from every submodule that can say where its blocks'
+    windows sit for an input size (``maskaq.dense.swin.SwinBackbone.window_geometries``: blocks
+    whose geometry depends on the input, computed per forward)."""
+    out: dict[int, Any] = {}
+    for m in model.modules():
+        fn = getattr(m, "window_geometries", None)
+        if callable(fn):
+            if input_size is None:
+                raise SynthesisError(f"{type(m).__name__} computes its window layout per input; "
+                                     "attention_layout needs input_size=(H, W)")
+            for blk, geo in fn(tuple(int(v) for v in input_size)):
+                out[id(blk)] = geo
+    return out
+
+
+def attention_layout(model: nn.Module, input_size: tuple[int, int] | None = None) -> _Layout:
     """Token geometry of every attention layer of ``model`` (prefix tokens, Swin resolution, window and
-    shift, the mask grid), read from the model, never from constants; pass it to :func:`synthesis_step`."""
+    shift, the mask grid), read from the model, never from constants; pass it to :func:`synthesis_step`.
+
+    Windowed attention: a timm Swin block carries static ``input_resolution``, ``window_size`` and
+    ``shift_size`` (shift, then pad); a block of the original-semantics Swin
+    (:mod:`maskaq.dense.swin`) computes them per forward, so its backbone's
+    ``window_geometries(input_size)`` is asked for them (pad, then shift) - ``input_size`` ``(H, W)``
+    is the image size the model will see. The mask grid is the largest block grid (Swin: the
+    first stage's token grid)."""
     mods = attention_modules(model)
     if not mods:
         raise SynthesisError("model has no MaskAQAttention; load it with load_model() or call prepare_model()")
     parents = {id(m.attn): m for m in model.modules() if isinstance(getattr(m, "attn", None), MaskAQAttention)}
+    dense = _dense_geometries(model, input_size) if any(a.geometry.windowed for a in mods) else {}
     layers: dict[str, _Layer] = {}
     for a in mods:
         g = a.geometry
@@ -354,9 +387,15 @@ def attention_layout(model: nn.Module) -> _Layout:
             layers[a.layer_name] = _Layer(a.layer_name, g.prefix, False)
             continue
         blk = parents.get(id(a))
+        if blk is not None and id(blk) in dense:
+            geo = dense[id(blk)]
+            layers[a.layer_name] = _Layer(a.layer_name, 0, True, tuple(geo.resolution), tuple(geo.window),
+                                          tuple(geo.shift), geo.order)
+            continue
         if blk is None or not all(hasattr(blk, n) for n in ("input_resolution", "window_size", "shift_size")):
             raise SynthesisError(f"windowed attention {a.layer_name!r} has no Swin block around it "
-                                 "(need input_resolution, window_size, shift_size)")
+                                 "(need input_resolution, window_size, shift_size, or a backbone with "
+                                 "window_geometries(input_size))")
         layers[a.layer_name] = _Layer(a.layer_name, 0, True, tuple(int(v) for v in blk.input_resolution),
                                       tuple(int(v) for v in blk.window_size), tuple(int(v) for v in blk.shift_size))
     first = next(iter(layers.values()))
@@ -372,18 +411,22 @@ def _token_scores(S: torch.Tensor, layer: _Layer, layout: _Layout, batch: int) -
     """Per-layer ``[B, G*G]`` rows that the mask (Eq. 11) and L_MAA (Eq. 14) use."""
     if not layer.windowed:
         return L.cls_scores(S, layer.prefix)
-    g = L.windows_to_grid(L.received_scores(S), batch, layer.resolution, layer.window, layer.shift)
+    g = L.windows_to_grid(L.received_scores(S), batch, layer.resolution, layer.window, layer.shift, layer.order)
     if tuple(g.shape[1:]) != layout.grid:
         g = F.interpolate(g.unsqueeze(1), size=layout.grid, mode="nearest").squeeze(1)
     return g.flatten(1)
 
 
-def _run(model: nn.Module, x: torch.Tensor, what: tuple[str, ...]) -> tuple[torch.Tensor, list]:
+def _run(model: nn.Module, x: torch.Tensor, what: tuple[str, ...]) -> tuple[Any, list]:
     with record_attention(model, what=what) as recs:
         out = model(x)
-    if isinstance(out, (tuple, list)):  # distilled DeiT in train mode: (cls, dist)
-        out = sum(out) / len(out)
     return out, list(recs)
+
+
+def _class_logits(out: Any) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):  # distilled DeiT in train mode: (cls, dist)
+        return sum(out) / len(out)
+    return out
 
 
 # --- one step --------------------------------------------------------------------------------
@@ -423,7 +466,7 @@ def synthesis_step(P: nn.Module, Q: nn.Module | None, x: torch.Tensor, labels: t
     if cfg.active("iha"):
         terms["iha"] = L.iha_loss(blocks, 0, cfg.ssim_c1, cfg.ssim_c2)
     if cfg.active("ce"):
-        terms["ce"] = L.ce_loss(out, labels)
+        terms["ce"] = L.ce_loss(_class_logits(out), labels)
     if cfg.active("tv"):
         terms["tv"] = L.tv_loss(x)  # over the un-augmented images (Eq. 2)
     if cfg.active("de"):
@@ -493,8 +536,12 @@ def _restore(snap: list[tuple[ActQuantizer, dict[str, torch.Tensor]]] | None) ->
 
 # --- the loop --------------------------------------------------------------------------------
 
-def _num_classes(P: nn.Module) -> int:
+def _num_classes(P: nn.Module, needed: bool = True) -> int:
+    """Range of the random CE targets. Without L_CE (e.g. a dense backbone, which has no
+    classifier) a model without ``num_classes`` draws targets from one class (unused)."""
     n = getattr(P, "num_classes", None)
+    if not needed and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        return 1
     if not isinstance(n, int) or n < 1:
         raise SynthesisError(f"{type(P).__name__} has no positive integer 'num_classes' (got {n!r}); "
                              "random CE targets are drawn from it")
@@ -576,7 +623,10 @@ def synthesize(
 
     Args:
         P: full-precision model with the attention adapter (``load_model``/``prepare_model``),
-            already on ``device``; it must have ``num_classes``.
+            already on ``device``; it must have ``num_classes`` when L_CE is on. A dense
+            backbone (:class:`maskaq.dense.swin.SwinBackbone`, prepared) works as well, with
+            ``use_ce=False`` (no classifier): its window layout is computed for the image size
+            of ``data_config`` (pad-then-shift), see :func:`attention_layout`.
         Q: the current fake-quantized model (MaskAQ's L_MAA), or None for P-only objectives.
             Q's parameters are not updated (gradients flow through its STE to the images only);
             train/eval modes, ``requires_grad`` flags and un-initialised quantizers are restored.
@@ -617,8 +667,8 @@ def synthesize(
     std = torch.tensor(data_config.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     if mean.shape[1] != chw[0] or std.shape[1] != chw[0]:
         raise ValueError(f"data_config has {mean.shape[1]} means / {std.shape[1]} stds for {chw[0]} channels")
-    num_classes = _num_classes(P)
-    layout = attention_layout(P)
+    num_classes = _num_classes(P, cfg.active("ce"))
+    layout = attention_layout(P, chw[1:])
     nb = -(-num_images // cfg.batch_size)
     sizes = [min(cfg.batch_size, num_images - b * cfg.batch_size) for b in range(nb)]
 

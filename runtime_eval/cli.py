@@ -66,7 +66,7 @@ class _Command(click.Command):
 
 
 @click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("model", metavar="MODEL.onnx")
+@click.argument("model", metavar="MODEL.onnx")  # or a dense detection export directory
 @click.option("--task", "-t", required=True, metavar="TASK", help=f"One of: {', '.join(TASKS)}.")
 @click.option(
     "--data",
@@ -121,6 +121,13 @@ class _Command(click.Command):
     show_default=True,
     help="ORT graph optimisation level: disable, basic, extended, all.",
 )
+@click.option(
+    "--seg-mode",
+    default=None,
+    type=click.Choice(["whole", "slide"]),
+    help="ADE20K maskaq dense (UperNet) exports: whole-image or sliding-window inference "
+    "(default: the export's own test_cfg).",
+)
 @click.option("--latency", is_flag=True, help="Also time the model alone on random input.")
 @click.option(
     "--latency-batch", default="1,32", show_default=True, help="Batch sizes for --latency."
@@ -144,6 +151,7 @@ def main(
     workers: int | None,
     threads: int,
     graph_opt: str,
+    seg_mode: str | None,
     latency: bool,
     latency_batch: str,
     latency_iters: int,
@@ -156,6 +164,8 @@ def main(
     Example:
       maskaq-eval model.onnx --task imagenet --data ~/imagenet -o report.json
       maskaq-eval q.onnx --task fashion-mnist --fp32 f.onnx --mode deploy --latency
+      maskaq-eval mask_rcnn_q/ --task coco --data ~/coco --fp32 mask_rcnn_fp32/
+      maskaq-eval upernet_q.onnx --task ade20k --data ~/ADEChallengeData2016 --seg-mode slide
     """
     import onnxruntime as ort
 
@@ -191,6 +201,7 @@ def main(
             latency_iters=latency_iters,
             progress=progress,
             output=output,
+            seg_mode=seg_mode,
         )
     finally:
         lg.removeHandler(handler)

@@ -210,6 +210,7 @@ def evaluate(
     latency_warmup: int = 5,
     progress: bool = False,
     output: str | Path | None = None,
+    seg_mode: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate an exported ONNX model in ONNX Runtime and return the report.
 
@@ -233,6 +234,13 @@ def evaluate(
         latency_iters: timed runs per batch size (after ``latency_warmup`` untimed ones).
         progress: show a tqdm bar on stderr.
         output: write the JSON report there (atomically).
+        seg_mode: maskaq dense ADE20K graphs: ``whole`` or ``slide`` inference (default: the
+            export's ``test_cfg.mode``).
+
+    Dense exports (``maskaq.dense`` metadata, docs/dense.md) run through their registered
+    predictors: for COCO give the export directory or its ``backbone_neck.onnx`` (the other
+    parts are opened beside it with the same providers and settings); for ADE20K the UperNet
+    graph.
 
     Returns:
         The report dict (see docs/eval-harness.md).
@@ -266,11 +274,35 @@ def evaluate(
         _report.check_output_path(output)
 
     with _collect_warnings() as warns:
+        model_path = _dense_model_path(model_path)
+        fp32 = _dense_model_path(fp32) if fp32 is not None else None
         info, _ = load_model_info(model_path)
         fp32_info = load_model_info(fp32)[0] if fp32 is not None else None
-        pre = resolve_preprocessing(info)
+        dense = None
+        if "maskaq.dense" in info.metadata:
+            if task in CLASSIFICATION_TASKS:
+                raise EvalError(
+                    f"{info.path.name} is a dense (detection/segmentation) export "
+                    f"(maskaq.task={info.task!r}); evaluate it with --task coco or --task ade20k"
+                )
+            _load_dense_predictors()
+            from .dense import evaluation as _dense
+
+            dense = _dense.check_task(info, task)
+            pre, pre_report = _dense.dense_preprocessing(info, dense, seg_mode)
+        else:
+            if seg_mode is not None:
+                raise EvalError("--seg-mode applies to maskaq dense ADE20K exports only")
+            pre = resolve_preprocessing(info)
+            pre_report = pre.report()
         _check_channels(task, pre, info)
-        if fp32_info is not None:
+        if fp32_info is not None and dense is not None:
+            _dense.check_fp32(pre_report, dense, info, fp32_info, task, seg_mode)
+        elif fp32_info is not None:
+            if "maskaq.dense" in fp32_info.metadata:
+                raise EvalError(
+                    f"--fp32 model {fp32_info.path.name} is a dense export but {info.path.name} is not"
+                )
             _resolve_fp32_preprocessing(pre, fp32_info)
             if fp32_info.input_shape[1:] != info.input_shape[1:] and all(
                 isinstance(v, int) for v in fp32_info.input_shape[1:]
@@ -293,13 +325,17 @@ def evaluate(
         if task in CLASSIFICATION_TASKS:
             ds: Any = _build_classification(task, data, split, info)
         elif task == "ade20k":
-            from .ade20k import ade20k_dataset
+            from .ade20k import NUM_CLASSES, ade20k_dataset
 
             ds = ade20k_dataset(data, split or "validation")
+            if dense is not None:
+                _dense.check_dataset(info, dense, NUM_CLASSES, "ADE20K")
         else:
             from .coco import coco_dataset
 
             ds = coco_dataset(data, split or "val2017")
+            if dense is not None:
+                _dense.check_dataset(info, dense, len(ds.cat_ids), f"{ds.ann_file.name}")
         indices = select_subset(len(ds), limit)
 
         # ---- sessions
@@ -336,7 +372,7 @@ def evaluate(
             metrics, metrics32 = res["quant"], res.get("fp32")
         elif task == "ade20k":
             metrics, metrics32 = _run_ade20k(
-                ds, pre, sess, info, sess32, fp32_info, indices, workers, progress
+                ds, pre, sess, info, sess32, fp32_info, indices, workers, progress, seg_mode
             )
         else:
             metrics, metrics32 = _run_coco(
@@ -348,6 +384,9 @@ def evaluate(
         lat32 = None
         if latency:
             chw = tuple(int(v) for v in pre.input_size)
+            if dense is not None and lat_batches != [1]:
+                log.info("dense graphs have a fixed batch of 1: timing batch size 1 only")
+                lat_batches = [1]
             lat = measure_latency(
                 sess,
                 info.input_name,
@@ -363,6 +402,12 @@ def evaluate(
             lat["simulated"] = bool(reasons)
             lat["simulated_reasons"] = reasons
             lat["mode"] = mode
+            if dense is not None:
+                lat["scope"] = (
+                    f"{info.path.name} alone (image -> "
+                    + ("FPN maps" if info.task != "ade20k_segmentation" else "logits")
+                    + "); heads and numpy post-processing not timed"
+                )
             if sess32 is not None and fp32_info is not None:
                 lat32 = measure_latency(
                     sess32,
@@ -404,13 +449,20 @@ def evaluate(
             "latency": lat32,
         }
         deltas = _report.numeric_deltas(metrics, metrics32)
+    model_report = info.report()
+    if dense is not None:
+        model_report["dense"] = _dense.parts_report(info) or {"model": dense.get("model")}
+        if fp32_section is not None and fp32_info is not None:
+            fp32_section["model"]["dense"] = _dense.parts_report(fp32_info) or {
+                "model": dense.get("model")
+            }
     rep: dict[str, Any] = {
         "schema_version": _report.SCHEMA_VERSION,
         "task": task,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": info.report(),
+        "model": model_report,
         "dataset": ds_report,
-        "preprocessing": pre.report(),
+        "preprocessing": pre_report,
         "runtime": rt,
         "metrics": metrics,
         "fp32": fp32_section,
@@ -425,6 +477,14 @@ def evaluate(
     return rep
 
 
+def _dense_model_path(path: str | Path) -> str | Path:
+    """A dense detection export directory -> its ``backbone_neck.onnx``; anything else as is."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "backbone_neck.onnx").is_file():
+        return p / "backbone_neck.onnx"
+    return path
+
+
 def _load_dense_predictors() -> None:
     """Dense-model predictors (``runtime_eval.dense``, where present) register on import."""
     import importlib
@@ -435,7 +495,7 @@ def _load_dense_predictors() -> None:
         importlib.import_module(name)
 
 
-def _run_ade20k(ds, pre, sess, info, sess32, info32, indices, workers, progress):
+def _run_ade20k(ds, pre, sess, info, sess32, info32, indices, workers, progress, seg_mode=None):
     from .ade20k import (
         NUM_CLASSES,
         SEGMENTATION_PREDICTORS,
@@ -451,7 +511,7 @@ def _run_ade20k(ds, pre, sess, info, sess32, info32, indices, workers, progress)
             continue
         factory = SEGMENTATION_PREDICTORS.get(mi.task or "")
         if factory is not None:
-            predict = factory(s, mi, pre)
+            predict = factory(s, mi, pre, **({"mode": seg_mode} if seg_mode else {}))
         else:
             shape = mi.output_shapes[0]
             if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != NUM_CLASSES):

@@ -114,9 +114,24 @@ def remap_state_dict(sd: Mapping[str, torch.Tensor], model: nn.Module) -> dict[s
     if mismatched:
         problems.append(f"{len(mismatched)} shape/value mismatch(es): {mismatched[:20]}")
     if problems:
+        hint = _architecture_hint(sd.keys(), own.keys())
         raise CheckpointError(f"checkpoint ({layout} layout) does not fit {type(model).__name__}: "
-                              + "; ".join(problems))
+                              + "; ".join(problems) + (f" ({hint})" if hint else ""))
     return out
+
+
+_CASCADE_KEY = re.compile(r"^(module\.)?roi_head\.bbox_head\.\d+\.")
+
+
+def _architecture_hint(ckpt_keys, model_keys) -> str:
+    """Name the likely mix-up when a Cascade checkpoint meets Mask R-CNN (or the reverse)."""
+    ck = any(_CASCADE_KEY.match(k) for k in ckpt_keys)
+    mk = any(_CASCADE_KEY.match(k) for k in model_keys)
+    if ck and not mk:
+        return "the checkpoint has per-stage roi_head.bbox_head.{i}: a Cascade Mask R-CNN, load it into CascadeMaskRCNN"
+    if mk and not ck and any(k.startswith(("module.roi_head.", "roi_head.")) for k in ckpt_keys):
+        return "the model is a Cascade Mask R-CNN but the checkpoint has a single-stage roi_head (Mask R-CNN)"
+    return ""
 
 
 def load_dense_checkpoint(model: nn.Module, checkpoint: str | Path | Mapping[str, Any]) -> nn.Module:

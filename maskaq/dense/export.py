@@ -13,11 +13,13 @@ Every file carries ``maskaq.schema``, ``maskaq.task`` and ``maskaq.dense`` (JSON
 config, preprocessing on the 0-255 scale, test-time settings) in ``metadata_props`` so the numpy
 harness (``runtime_eval.dense``) needs neither torch nor maskaq.
 
-A model whose backbone was quantized with :func:`maskaq.dense.models.quantize_backbone` is
-frozen with ``export.freeze.freeze_model`` and exported through ``maskaq.quant.export_mode()`` and
-``export.onnx_export.translation_table`` (the
-quantizer custom op -> Clip/QuantizeLinear/DequantizeLinear), i.e. a fake-quant QDQ graph; the
-classifier-specific QDQ clean-up and encodings sidecar of ``export.export_onnx`` are not applied.
+A quantized part (backbone from :func:`maskaq.dense.models.quantize_backbone` or
+:func:`maskaq.dense.quantize.quantize_dense`, neck/heads optionally) is frozen with
+``export.freeze.freeze_model``, exported through ``maskaq.quant.export_mode()`` and
+``export.onnx_export.translation_table``, and then rewritten into the classifier path's exact
+encoding (``export.onnx_export._optimize`` + ``_rewrite_qdq``: CQDQ activations, int8 weight
+initializers -> DequantizeLinear, every tensor named after its quantizer); the AIMET-layout
+sidecar ``<part>.encodings.json`` is written beside it.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ class DenseExportError(RuntimeError):
 
 
 def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` holds any (enabled or not) maskaq quantizer."""
     from maskaq.quant import ActQuantizer, WeightQuantizer
 
     return any(isinstance(m, (ActQuantizer, WeightQuantizer)) for m in model.modules())
@@ -93,7 +96,7 @@ def export_part(module: nn.Module, example: Sequence[torch.Tensor], path: str | 
         if bad:
             raise DenseExportError(f"{len(bad)} activation quantizer(s) never saw data (run a forward first): {bad[:5]}")
         module = copy.deepcopy(module).eval()
-        freeze_model(module, "ort")  # constant scales/zero-points: no data-dependent control flow
+        records = freeze_model(module, "ort")  # constant scales/zero-points: no data-dependent control flow
         kw["custom_translation_table"] = _translation_table(opset)
     if dynamic_batch:
         kw["dynamic_shapes"] = ({0: torch.export.Dim("num_rois", min=1, max=100000)},)
@@ -102,19 +105,46 @@ def export_part(module: nn.Module, example: Sequence[torch.Tensor], path: str | 
         warnings.simplefilter("ignore")
         try:
             prog = torch.onnx.export(module, tuple(example), dynamo=True, opset_version=opset, verbose=False,
-                                     optimize=optimize, input_names=list(input_names),
+                                     optimize=optimize and not quant, input_names=list(input_names),
                                      output_names=list(output_names), **kw)
         except Exception as e:  # noqa: BLE001
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DenseExportError(f"torch.onnx.export failed for {type(module).__name__}: {msg}") from e
-    model = prog.model_proto
+    encodings = None
+    if quant:
+        # the classifier path's exact encoding (export.onnx_export): constant folding without
+        # merging the quantizers' scales, then every quantizer rebuilt under its own name -
+        # activations Clip -> Q -> DQ only where the grid is narrower than 8 bit (CQDQ),
+        # weights as int8 initializers holding the b-bit integers -> DQ (Linear weights [in, out])
+        from export.encodings import build_encodings
+        from export.onnx_export import ExportError, _optimize, _rewrite_qdq
+
+        try:
+            _optimize(prog.model, keep_relu=True)
+            model = prog.model_proto
+            _rewrite_qdq(model, records, int4_block=None, shared_modules=True)
+        except ExportError as e:
+            raise DenseExportError(f"{type(module).__name__}: {e}") from None
+        encodings = build_encodings(records, "ort", opset)
+    else:
+        model = prog.model_proto
     for k, v in (metadata or {}).items():
         p = model.metadata_props.add()
         p.key, p.value = k, v
     model.producer_name = "maskaq"
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path))
+    from maskaq.io import atomic_write_bytes
+
+    if encodings is not None:
+        atomic_write_bytes(encodings_path(path), (json.dumps(encodings, indent=1) + "\n").encode())
+    atomic_write_bytes(path, model.SerializeToString())
     return path
+
+
+def encodings_path(path: str | Path) -> Path:
+    """``part.onnx`` -> ``part.encodings.json`` (the AIMET-layout sidecar of a quantized part)."""
+    p = Path(path)
+    return p.with_suffix(".encodings.json") if p.suffix.lower() == ".onnx" else Path(f"{p}.encodings.json")
 
 
 def _meta(task: str, dense: dict[str, Any], quant: dict[str, Any] | None) -> dict[str, str]:
@@ -126,7 +156,9 @@ def _quant_json(model: nn.Module) -> dict[str, Any] | None:
     cfg = getattr(model, "maskaq_quant_config", None)
     if cfg is None:
         return None
-    return {"w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "profile": "ort", "scope": "backbone"}
+    return {"w_bits": cfg.w_bits, "a_bits": cfg.a_bits, "profile": "ort",
+            "scope": str(getattr(model, "maskaq_quant_scope", "backbone")),
+            **({"method": str(model.maskaq_method)} if getattr(model, "maskaq_method", None) else {})}
 
 
 def export_mask_rcnn(model: MaskRCNN, out_dir: str | Path, input_hw: tuple[int, int] = (800, 1344), *,
@@ -177,3 +209,69 @@ def export_upernet(model: UperNet, path: str | Path, input_hw: tuple[int, int] =
     x = torch.randn(1, 3, H, W, generator=torch.Generator().manual_seed(0))
     return export_part(UperNetFull(model), (x,), path, input_names=["input"], output_names=["logits"],
                        metadata=_meta("ade20k_segmentation", dense, _quant_json(model)), opset=opset, optimize=optimize)
+
+
+# --- Cascade Mask R-CNN ----------------------------------------------------------------------
+
+CASCADE_PARTS = ("backbone_neck", "rpn_head", "bbox_head_{i}", "mask_head_{i}")
+
+
+def cascade_test_cfg(cfg) -> dict[str, Any]:
+    """mmdet 2.x ``CascadeRoIHead.simple_test`` settings: the Mask R-CNN RPN/RCNN test cfg plus the
+    per-stage box-coder stds and whether regression is class-agnostic."""
+    return dict(DET_TEST_CFG, num_stages=cfg.num_stages,
+                stage_target_stds=[list(s) for s in cfg.stage_target_stds],
+                reg_class_agnostic=bool(cfg.reg_class_agnostic))
+
+
+def export_cascade_mask_rcnn(model, out_dir: str | Path, input_hw: tuple[int, int] = (800, 1344), *,
+                             opset: int = 20, extra: dict[str, Any] | None = None,
+                             optimize: bool = True) -> dict[str, Path]:
+    """Export a :class:`maskaq.dense.models.CascadeMaskRCNN` into ``out_dir`` for a fixed
+    ``input_hw`` canvas (multiples of 32): ``backbone_neck.onnx`` and ``rpn_head.onnx`` as for
+    Mask R-CNN, then per stage i ``bbox_head_{i}.onnx`` (``rois`` [N, C, 7, 7] -> ``cls_score``
+    [N, K+1], ``bbox_pred`` [N, 4K] (or [N, 4] class-agnostic)) and ``mask_head_{i}.onnx``
+    (``rois`` [N, C, 14, 14] -> ``mask_pred`` [N, K, 28, 28]), N dynamic. ``maskaq.task`` is
+    ``coco_instance_cascade``. Returns part -> path."""
+    from .models import CascadeMaskRCNN
+
+    if not isinstance(model, CascadeMaskRCNN):
+        raise DenseExportError(f"export_cascade_mask_rcnn needs a CascadeMaskRCNN, got {type(model).__name__}")
+    H, W = input_hw
+    if H % 32 or W % 32:
+        raise DenseExportError(f"input_hw {input_hw} must be multiples of 32")
+    model = model.eval()
+    cfg = model.cfg
+    dense = {"model": "cascade_mask_rcnn_swin", "config": cfg.to_json(), "input_size": [3, H, W],
+             "mean": MEAN_255, "std": STD_255, "to_rgb": True, "test_cfg": cascade_test_cfg(cfg),
+             "num_classes": cfg.num_classes, "num_stages": cfg.num_stages, **(extra or {})}
+    quant = _quant_json(model)
+    out_dir = Path(out_dir)
+    meta = lambda part: _meta("coco_instance_cascade", dict(dense, part=part), quant)  # noqa: E731
+    x = torch.randn(1, 3, H, W, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = BackboneNeck(model)(x)
+    n = len(feats)
+    lv = [f"p{i + 2}" for i in range(n)]
+    paths = {"backbone_neck": export_part(BackboneNeck(model), (x,), out_dir / "backbone_neck.onnx",
+                                          input_names=["input"], output_names=lv, metadata=meta("backbone_neck"),
+                                          opset=opset, optimize=optimize)}
+    paths["rpn_head"] = export_part(RPNHeadPart(model), feats, out_dir / "rpn_head.onnx", input_names=lv,
+                                    output_names=[f"cls_{i}" for i in range(n)] + [f"reg_{i}" for i in range(n)],
+                                    metadata=meta("rpn_head"), opset=opset, optimize=optimize)
+    C = cfg.fpn_channels
+    g = torch.Generator().manual_seed(1)
+    for i in range(cfg.num_stages):
+        name = f"bbox_head_{i}"
+        paths[name] = export_part(model.roi_head.bbox_head[i], (torch.randn(4, C, 7, 7, generator=g),),
+                                  out_dir / f"{name}.onnx", input_names=["rois"],
+                                  output_names=["cls_score", "bbox_pred"], dynamic_batch=True,
+                                  metadata=meta(name), opset=opset, optimize=optimize)
+        name = f"mask_head_{i}"
+        paths[name] = export_part(model.roi_head.mask_head[i], (torch.randn(4, C, 14, 14, generator=g),),
+                                  out_dir / f"{name}.onnx", input_names=["rois"], output_names=["mask_pred"],
+                                  dynamic_batch=True, metadata=meta(name), opset=opset, optimize=optimize)
+    return paths
+
+
+__all__ += ["CASCADE_PARTS", "cascade_test_cfg", "export_cascade_mask_rcnn"]

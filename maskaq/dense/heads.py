@@ -2,6 +2,9 @@
 
 * Mask R-CNN (mmdet ``mask_rcnn_r50_fpn`` heads as used with Swin): :class:`FPN`,
   :class:`RPNHead`, :class:`Shared2FCBBoxHead`, :class:`FCNMaskHead`.
+* Cascade Mask R-CNN (Swin-Transformer-Object-Detection ``..._giou_4conv1f_...``): the stage box
+  head :class:`ConvFCBBoxHead` (4 shared conv3x3 + BN + ReLU, 1 shared FC) and, per stage, the
+  same :class:`FCNMaskHead`.
 * UperNet (mmseg): :class:`UPerHead` (PPM with the adaptive-average-pooling bins written out, FPN
   fusion) and the auxiliary :class:`FCNHead`.
 
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "ConvModule", "FPN", "RPNHead", "Shared2FCBBoxHead", "FCNMaskHead",
+    "ConvModule", "FPN", "RPNHead", "Shared2FCBBoxHead", "ConvFCBBoxHead", "FCNMaskHead",
     "adaptive_bins", "ExplicitAdaptiveAvgPool2d", "UPerHead", "FCNHead",
 ]
 
@@ -89,6 +92,39 @@ class Shared2FCBBoxHead(nn.Module):
         self.fc_reg = nn.Linear(fc_dim, 4 * num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.flatten(1)
+        for fc in self.shared_fcs:
+            x = F.relu(fc(x))
+        return self.fc_cls(x), self.fc_reg(x)
+
+
+class ConvFCBBoxHead(nn.Module):
+    """mmdet 2.x ``ConvFCBBoxHead`` with shared branches only (``num_cls_*``/``num_reg_*`` = 0,
+    no average pooling), as the Cascade Mask R-CNN Swin ``4conv1f`` config builds it:
+    ``shared_convs.{i}`` = ConvModule(3x3, padding 1, ``norm_cfg`` BN -> conv without bias,
+    keys ``.conv`` / ``.bn``) + ReLU, flatten, ``shared_fcs.{j}`` Linear + ReLU, then ``fc_cls``
+    (K+1, background last) and ``fc_reg`` (4 if ``reg_class_agnostic`` else 4K).
+
+    RoI features [N, C, 7, 7] -> (class logits [N, K+1], deltas [N, 4] or [N, 4K])."""
+
+    def __init__(self, in_channels: int = 256, roi_size: int = 7, conv_dim: int = 256, num_shared_convs: int = 4,
+                 num_shared_fcs: int = 1, fc_dim: int = 1024, num_classes: int = 80,
+                 reg_class_agnostic: bool = False, norm: bool = True) -> None:
+        super().__init__()
+        if num_shared_fcs < 1:
+            raise ValueError("ConvFCBBoxHead here needs at least one shared FC")
+        self.num_classes = num_classes
+        self.reg_class_agnostic = reg_class_agnostic
+        self.shared_convs = nn.ModuleList(
+            ConvModule(in_channels if i == 0 else conv_dim, conv_dim, 3, 1, norm=norm) for i in range(num_shared_convs))
+        flat = (conv_dim if num_shared_convs else in_channels) * roi_size * roi_size
+        self.shared_fcs = nn.ModuleList(nn.Linear(flat if j == 0 else fc_dim, fc_dim) for j in range(num_shared_fcs))
+        self.fc_cls = nn.Linear(fc_dim, num_classes + 1)
+        self.fc_reg = nn.Linear(fc_dim, 4 if reg_class_agnostic else 4 * num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for conv in self.shared_convs:
+            x = conv(x)
         x = x.flatten(1)
         for fc in self.shared_fcs:
             x = F.relu(fc(x))

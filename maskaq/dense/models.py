@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import FCNHead, FCNMaskHead, FPN, RPNHead, Shared2FCBBoxHead, UPerHead
+from .heads import ConvFCBBoxHead, FCNHead, FCNMaskHead, FPN, RPNHead, Shared2FCBBoxHead, UPerHead
 from .swin import SwinBackbone, SwinConfig
 
 __all__ = [
     "DetConfig", "SegConfig", "MaskRCNN", "UperNet", "BackboneNeck", "RPNHeadPart", "UperNetFull",
-    "tiny_swin_config", "quantize_backbone",
+    "tiny_swin_config", "quantize_backbone", "CascadeDetConfig", "CascadeMaskRCNN",
 ]
 
 
@@ -152,3 +152,71 @@ def quantize_backbone(model: nn.Module, config) -> nn.Module:
     q.backbone = quantize_model(model.backbone, config)
     q.maskaq_quant_config = config  # type: ignore[attr-defined]
     return q
+
+
+# --- Cascade Mask R-CNN ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CascadeDetConfig:
+    """Cascade Mask R-CNN Swin-T as in Swin-Transformer-Object-Detection's
+    ``cascade_mask_rcnn_swin_tiny_patch4_window7_mstrain_480-800_giou_4conv1f_adamw_3x_coco``:
+    3 stages, each a ``ConvFCBBoxHead`` (4 shared conv3x3 256 + SyncBN + ReLU, 1 shared FC 1024)
+    with ``reg_class_agnostic=False`` (that config overrides the base's ``True``: ``fc_reg`` has
+    4K outputs) and an ``FCNMaskHead`` per stage. ``stage_target_stds`` are the stages'
+    ``DeltaXYWHBBoxCoder`` stds (test-time decoding)."""
+
+    swin: SwinConfig = SwinConfig()
+    fpn_channels: int = 256
+    num_outs: int = 5
+    num_anchors: int = 3
+    num_stages: int = 3
+    bbox_conv_dim: int = 256
+    num_shared_convs: int = 4
+    num_shared_fcs: int = 1
+    fc_dim: int = 1024
+    reg_class_agnostic: bool = False
+    mask_conv_dim: int = 256
+    num_classes: int = 80
+    stage_target_stds: tuple[tuple[float, float, float, float], ...] = (
+        (0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
+
+    def __post_init__(self) -> None:
+        if len(self.stage_target_stds) != self.num_stages:
+            raise ValueError(f"{self.num_stages} stages but {len(self.stage_target_stds)} stage_target_stds")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _CascadeRoIHead(nn.Module):
+    """``roi_head.bbox_head.{i}`` and ``roi_head.mask_head.{i}`` (mmdet ``CascadeRoIHead``; the RoI
+    extractors have no weights)."""
+
+    def __init__(self, cfg: CascadeDetConfig) -> None:
+        super().__init__()
+        c = cfg.fpn_channels
+        self.bbox_head = nn.ModuleList(
+            ConvFCBBoxHead(c, 7, cfg.bbox_conv_dim, cfg.num_shared_convs, cfg.num_shared_fcs, cfg.fc_dim,
+                           cfg.num_classes, cfg.reg_class_agnostic, norm=True)
+            for _ in range(cfg.num_stages))
+        self.mask_head = nn.ModuleList(FCNMaskHead(c, cfg.mask_conv_dim, 4, cfg.num_classes)
+                                       for _ in range(cfg.num_stages))
+
+
+class CascadeMaskRCNN(nn.Module):
+    """Container with the mmdet 2.x Cascade Mask R-CNN key layout (``backbone.*``, ``neck.*``,
+    ``rpn_head.*``, ``roi_head.bbox_head.{0,1,2}.*``, ``roi_head.mask_head.{0,1,2}.*``). The
+    test-time cascade (refinement, score averaging, mask merging) is harness code
+    (``runtime_eval.dense.detection.CascadeMaskRCNNPredictor``); :class:`BackboneNeck` and
+    :class:`RPNHeadPart` accept this model as they accept :class:`MaskRCNN`."""
+
+    def __init__(self, cfg: CascadeDetConfig = CascadeDetConfig()) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = SwinBackbone(cfg.swin)
+        self.neck = FPN(self.backbone.out_channels, cfg.fpn_channels, cfg.num_outs)
+        self.rpn_head = RPNHead(cfg.fpn_channels, cfg.num_anchors)
+        self.roi_head = _CascadeRoIHead(cfg)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.neck(self.backbone(x))

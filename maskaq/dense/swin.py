@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.swin_transformer import WindowAttention
 
-__all__ = ["SwinConfig", "SwinBackbone", "window_partition", "window_reverse", "shifted_window_mask"]
+__all__ = ["SwinConfig", "SwinBackbone", "WindowGeometry", "window_partition", "window_reverse", "shifted_window_mask"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class SwinConfig:
 def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
     """[B, H, W, C] (H, W multiples of ws) -> [B*nW, ws, ws, C], windows row-major per image."""
     B, H, W, C = x.shape
-    x = x.view(B, H // ws, ws, W // ws, ws, C)
+    x = x.reshape(B, H // ws, ws, W // ws, ws, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, C)
 
 
@@ -75,9 +75,36 @@ def shifted_window_mask(Hp: int, Wp: int, ws: int, shift: int) -> torch.Tensor:
         for w in slices:
             img_mask[:, h, w, :] = cnt
             cnt += 1
-    mw = window_partition(img_mask, ws).view(-1, ws * ws)
+    mw = window_partition(img_mask, ws).reshape(-1, ws * ws)
     m = mw.unsqueeze(1) - mw.unsqueeze(2)
     return m.masked_fill(m != 0, -100.0).masked_fill(m == 0, 0.0)
+
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """How one block lays its token grid out in windows (what the synthesis losses need to put
+    per-window values back on the grid, ``maskaq.losses.windows_to_grid``).
+
+    ``resolution``: the block's (unpadded) token grid ``(H, W)``; ``window``/``shift``: as used
+    by the forward; ``order``: ``"pad_shift"`` (this module, the original Swin: pad on the
+    right/bottom to a multiple of the window, then roll by ``-shift`` on the padded map) -
+    timm's blocks roll first and pad afterwards (``"shift_pad"``).
+    """
+
+    resolution: tuple[int, int]
+    window: tuple[int, int]
+    shift: tuple[int, int]
+    order: str = "pad_shift"
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        (H, W), (wh, ww) = self.resolution, self.window
+        return -(-H // wh) * wh, -(-W // ww) * ww
+
+    @property
+    def num_windows(self) -> int:
+        (Hp, Wp), (wh, ww) = self.padded, self.window
+        return (Hp // wh) * (Wp // ww)
 
 
 class Mlp(nn.Module):
@@ -102,6 +129,11 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
+    def window_geometry(self, H: int, W: int) -> WindowGeometry:
+        """The window layout :meth:`forward` uses on an ``H x W`` token grid."""
+        ws, s = self.window_size, self.shift_size
+        return WindowGeometry((int(H), int(W)), (ws, ws), (s, s), "pad_shift")
+
     def forward(self, x: torch.Tensor, H: int, W: int, mask: torch.Tensor | None) -> torch.Tensor:
         B, L, C = x.shape
         ws, s = self.window_size, self.shift_size
@@ -113,7 +145,7 @@ class SwinBlock(nn.Module):
         Hp, Wp = H + pad_b, W + pad_r
         if s > 0:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
-        win = window_partition(x, ws).view(-1, ws * ws, C)
+        win = window_partition(x, ws).reshape(-1, ws * ws, C)
         win = self.attn(win, mask=mask if s > 0 else None)
         x = window_reverse(win.view(-1, ws, ws, C), ws, Hp, Wp)
         if s > 0:
@@ -208,6 +240,27 @@ class SwinBackbone(nn.Module):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+    def stage_resolutions(self, input_hw: Sequence[int]) -> list[tuple[int, int]]:
+        """Token grid of every stage for an ``input_hw`` image (patch embedding pads to a
+        multiple of the patch size; patch merging rounds odd maps up)."""
+        p = self.cfg.patch_size
+        h, w = -(-int(input_hw[0]) // p), -(-int(input_hw[1]) // p)
+        out = []
+        for _ in self.layers:
+            out.append((h, w))
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return out
+
+    def window_geometries(self, input_hw: Sequence[int]) -> list[tuple[nn.Module, WindowGeometry]]:
+        """``(block, geometry)`` of every block, in execution order, for an ``input_hw`` image:
+        where each block's windows sit on its token grid (pad-then-shift). Read by
+        ``maskaq.synthesis.attention_layout``."""
+        out = []
+        for layer, (h, w) in zip(self.layers, self.stage_resolutions(input_hw)):
+            for blk in layer.blocks:
+                out.append((blk, blk.window_geometry(h, w)))
+        return out
 
     @property
     def out_channels(self) -> list[int]:

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import onnxruntime as ort
 
 from ..errors import EvalError
 from . import ops
-from .detection import load_dense_meta
+from .detection import _default_session, load_dense_meta, run_graph
 
 __all__ = ["UperNetPredictor", "preprocess_segmentation"]
 
@@ -40,9 +39,15 @@ class UperNetPredictor:
     def __init__(self, path: str | Path, *, mode: str | None = None,
                  session_factory: Callable[[Path], Any] | None = None) -> None:
         path = Path(path)
+        if not path.is_file():
+            raise EvalError(f"segmentation model not found: {path}")
         self.meta = load_dense_meta(path)
-        self.sess = (session_factory or (lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])))(path)
-        self.canvas = tuple(self.meta["input_size"][1:])
+        if self.meta.get("model") != "upernet_swin":
+            raise EvalError(f"{path.name} is a {self.meta.get('model')!r} export (maskaq.task "
+                            f"{self.meta.get('task')!r}); UperNetPredictor needs an export_upernet graph")
+        self.sess = (session_factory or _default_session)(path)
+        self.name = path.name
+        self.canvas = tuple(int(v) for v in self.meta["input_size"][1:])
         self.mode = mode or self.meta["test_cfg"].get("mode", "whole")
         if self.mode not in ("whole", "slide"):
             raise EvalError(f"unknown segmentation mode {self.mode!r} (valid: whole, slide)")
@@ -56,7 +61,11 @@ class UperNetPredictor:
                             "or use mode='slide'")
         buf = np.zeros((1, c) + self.canvas, np.float32)
         buf[0, :, :h, :w] = x
-        return self.sess.run(None, {"input": buf})[0][0, :, :h, :w]
+        out = run_graph(self.sess, {"input": buf}, self.name)[0]
+        if out.shape != (1, self.num_classes) + self.canvas:
+            raise EvalError(f"{self.name} gave logits {list(out.shape)}; expected "
+                            f"[1, {self.num_classes}, {self.canvas[0]}, {self.canvas[1]}]")
+        return out[0, :, :h, :w]
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         if self.mode == "whole":

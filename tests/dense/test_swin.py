@@ -162,3 +162,15 @@ def test_quantize_model_replaces_window_attention():
         Q.backbone(x)
     assert len(recs) == 8 and recs[0].logits.shape[1:] == (1, 49, 49)
     assert recs[0].logits.shape[0] == 2 * 3 * 4  # batch x windows (15x23 padded to 21x28)
+
+
+@torch.no_grad()
+def test_swin_single_row_of_windows_matches_reference():
+    # 48x64 -> 12x16 tokens: one row of windows and several columns in stage 1 (and 1x1 / 1x2
+    # later); window_partition's result is then not viewable with .view (regression)
+    model = _tiny(depths=(2, 2, 2, 2))
+    img = torch.randn(1, 3, 48, 64)
+    outs = model(img)
+    ref = _ref_backbone(img[0], model)
+    for o, r in zip(outs, ref):
+        torch.testing.assert_close(o[0], r, atol=2e-4, rtol=1e-4)
