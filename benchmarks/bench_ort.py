@@ -12,6 +12,8 @@ calibration). Writes ``benchmarks/results/ort.md``.
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import statistics
 import sys
 import tempfile
@@ -49,6 +51,33 @@ def build(name: str, setting: str):
     return lm, Q
 
 
+def op_profile(path: Path, mode: str, chw: tuple, batch: int, iters: int, threads: int, tmp: str) -> dict[str, float]:
+    """Share of ORT's kernel time per op type (percent) over ``iters`` runs at ``batch``, from ORT's
+    own profiler, with the session options of ``create_session`` for ``mode``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(tmp) / f"prof_{path.stem}_{mode}")
+    if mode == "reference":
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((batch, *chw), dtype=np.float32)
+    name = sess.get_inputs()[0].name
+    for _ in range(iters):
+        sess.run(None, {name: x})
+    with open(sess.end_profiling()) as f:
+        events = json.load(f)
+    agg: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time"):
+            agg[e["args"]["op_name"]] += e["dur"]
+    total = sum(agg.values()) or 1
+    return {k: 100.0 * v / total for k, v in agg.most_common()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -56,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = ORT default)")
+    ap.add_argument("--profile-batch", type=int, default=32, help="batch of the op-type profile (0: no profile)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ort.md"))
     args = ap.parse_args(argv)
     cmd = "python benchmarks/bench_ort.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = []
+    profiles = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             files = {}
@@ -85,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(dict(model=name, setting=setting, mode=mode if setting != "fp32" else "-", batch=b,
                                          p50=statistics.median(p50), thr=statistics.median(thr), export_s=t_exp,
                                          size=size, size_ratio=size / fp32_size))
+                    if args.profile_batch:
+                        profiles.append((name, setting, mode if setting != "fp32" else "-",
+                                         op_profile(path, mode, chw, args.profile_batch, 3, args.threads, tmp)))
     fp = {(r["model"], r["batch"]): r["p50"] for r in rows if r["setting"] == "fp32"}
     lines = [f"# ORT latency, throughput and export cost\n", f"Command: `{cmd}`  ",
              f"CPU: {cpu_model()} (VNNI: {cpu_vnni()}), torch {torch.__version__}, CPU provider. "
@@ -95,6 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['model']} | {r['setting']} | {r['mode']} | {r['batch']} | {r['p50']:.2f} | {r['thr']:.0f} | "
                      f"{r['p50'] / fp[(r['model'], r['batch'])]:.2f}x | {r['export_s']:.1f} | {r['size'] / 1e6:.2f} | "
                      f"{r['size_ratio']:.2f}x |")
+    if profiles:
+        ops = ["MatMul", "FusedMatMul", "MatMulIntegerToFloat", "QLinearMatMul", "Gemm", "QGemm", "Clip",
+               "QuantizeLinear", "DequantizeLinear", "Add", "BiasGelu", "LayerNormalization", "Softmax", "Transpose"]
+        lines += ["", f"## Where the time goes at batch {args.profile_batch} (ORT profiler: % of kernel time by op type)", "",
+                  "| model | setting | ORT mode | " + " | ".join(ops) + " | other |",
+                  "|---|---|---|" + "---|" * (len(ops) + 1)]
+        for name, setting, mode, prof in profiles:
+            other = 100.0 - sum(prof.get(o, 0.0) for o in ops)
+            lines.append(f"| {name} | {setting} | {mode} | " + " | ".join(f"{prof.get(o, 0.0):.1f}" for o in ops)
+                         + f" | {other:.1f} |")
     text = "\n".join(lines) + "\n"
     atomic_write_bytes(args.out, text.encode())
     print(text)
