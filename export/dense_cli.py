@@ -1,12 +1,16 @@
-"""``maskaq-export`` for the dense models (Mask R-CNN / UperNet, Swin-T): quantize data-free,
+"""``maskaq-export`` for the dense models (Mask R-CNN / Cascade Mask R-CNN / UperNet, Swin-T):
+quantize data-free,
 calibrate on the dense outputs, export the graphs the numpy/ORT harness (``maskaq-eval --task
 coco|ade20k``) scores.
 
 ``maskaq-export MODEL ...`` hands over to this command when MODEL is a dense alias
-(``swin_t_mask_rcnn``, ``swin_t_upernet``; ``tiny_mask_rcnn``, ``tiny_upernet`` for tests).
+(``swin_t_mask_rcnn``, ``swin_t_cascade_mask_rcnn``, ``swin_t_upernet``; ``tiny_mask_rcnn``,
+``tiny_cascade_mask_rcnn``, ``tiny_upernet`` for tests).
 
-Writes the directory ``OUT_DIR/`` (atomically: built beside it, then renamed): COCO ->
-``backbone_neck.onnx``, ``rpn_head.onnx``, ``bbox_head.onnx``, ``mask_head.onnx``; ADE20K ->
+Writes the directory ``OUT_DIR/`` (atomically: built beside it, then renamed): Mask R-CNN ->
+``backbone_neck.onnx``, ``rpn_head.onnx``, ``bbox_head.onnx``, ``mask_head.onnx``; Cascade Mask
+R-CNN -> ``backbone_neck.onnx``, ``rpn_head.onnx``, ``bbox_head_{0,1,2}.onnx``,
+``mask_head_{0,1,2}.onnx``; ADE20K ->
 ``upernet.onnx``; each quantized part with its ``.encodings.json``; and ``report.json``. The run
 directory ``OUT_DIR.run/`` holds ``calibrated.pt``, ``params.json``, ``run.json``,
 ``samples.png`` and the checkpoints ``--resume`` continues from.
@@ -35,8 +39,11 @@ Examples:
   # Mask R-CNN Swin-T, neck and heads quantized too, a smaller synthesis/calibration size:
   maskaq-export swin_t_mask_rcnn --checkpoint mask_rcnn_swin_t.pth --bits 4 --a-bits 8 \\
       --quantize all --input-size 512x512 --canvas 800x1344 --device cuda -o mrcnn_4w8a/
-  # score it:
+  # Cascade Mask R-CNN Swin-T (3x), backbone at 4 bit; 8 graphs (3 box and 3 mask heads):
+  maskaq-export swin_t_cascade_mask_rcnn --checkpoint cascade_mask_rcnn_swin_t.pth --bits 4 -o cascade_4w4a/
+  # score them (the directory or its backbone_neck.onnx):
   maskaq-eval mrcnn_4w8a/backbone_neck.onnx --task coco --data COCO_DIR
+  maskaq-eval cascade_4w4a/ --task coco --data COCO_DIR
   maskaq-eval upernet_4w4a/upernet.onnx --task ade20k --data ADE_DIR
 
 \b
@@ -75,9 +82,9 @@ def is_dense_model(name: str | None) -> bool:
 @click.option("--quantize", "scope", type=click.Choice(("backbone", "all")), default="backbone", show_default=True,
               help="backbone: the Swin backbone; all: the neck and heads too.")
 @click.option("--input-size", default=None, metavar="HxW",
-              help="Synthesis / calibration image size [default: 800x1344 Mask R-CNN, 512x512 UperNet].")
+              help="Synthesis / calibration image size [default: 800x1344 (Cascade) Mask R-CNN, 512x512 UperNet].")
 @click.option("--canvas", default=None, metavar="HxW",
-              help="Fixed input size of the exported graphs [default: --input-size; Mask R-CNN: rounded up to 32].")
+              help="Fixed input size of the exported graphs [default: --input-size; COCO detectors: rounded up to 32].")
 @click.option("--test-scale", default=None, metavar="LONGxSHORT",
               help="The harness's test resize scale written into the graphs [default: 1333x800 COCO, 2048x512 ADE20K].")
 @click.option("--preset", type=click.Choice(PRESETS), default="cpu", show_default=True,
@@ -98,9 +105,11 @@ def dense_main(ctx: click.Context, model: str, checkpoint: str | None, random_we
                test_scale: str | None, preset: str,
                overrides: tuple[str, ...], keep_first_last_8bit: bool, opset: int, seed: int, device: str,
                run_dir: str | None, resume: bool, quiet: bool, output: str) -> None:
-    """Quantize a dense Swin model (Mask R-CNN, UperNet) without data and export its QDQ graphs.
+    """Quantize a dense Swin model (Mask R-CNN, Cascade Mask R-CNN, UperNet) without data and export
+    its QDQ graphs.
 
-    MODEL: swin_t_mask_rcnn, swin_t_upernet (or tiny_mask_rcnn, tiny_upernet: tiny random models).
+    MODEL: swin_t_mask_rcnn, swin_t_cascade_mask_rcnn, swin_t_upernet (or tiny_mask_rcnn,
+    tiny_cascade_mask_rcnn, tiny_upernet: tiny random models).
     """
     t_start = time.perf_counter()
     _setup_logging(quiet)
@@ -138,7 +147,7 @@ def dense_main(ctx: click.Context, model: str, checkpoint: str | None, random_we
     if cv is None:
         cv = (-(-hw[0] // 32) * 32, -(-hw[1] // 32) * 32) if task == "coco" else hw
     if task == "coco" and (cv[0] % 32 or cv[1] % 32):
-        raise click.UsageError(f"--canvas {cv[0]}x{cv[1]} must be multiples of 32 for Mask R-CNN")
+        raise click.UsageError(f"--canvas {cv[0]}x{cv[1]} must be multiples of 32 for the COCO detectors")
     scale = _hw(test_scale, "--test-scale")
     device = _check_device(device)
     run_path = Path(run_dir) if run_dir else Path(f"{out}.run")
@@ -170,14 +179,9 @@ def dense_main(ctx: click.Context, model: str, checkpoint: str | None, random_we
         t0 = time.perf_counter()
         try:
             shutil.rmtree(tmp, ignore_errors=True)
-            from maskaq.dense.export import DET_TEST_CFG, SEG_TEST_CFG
-
             extra: dict[str, Any] = {"maskaq_run": {"config": cfg.to_json(), "seed": seed, "method": method,
                                                     "distill": res.report["distill"]}}
-            if scale is not None:
-                base = DET_TEST_CFG if task == "coco" else SEG_TEST_CFG
-                extra["test_cfg"] = dict(base, img_scale=[scale[0], scale[1]])
-            paths = export_dense(res.Q.cpu(), task, tmp, cv, opset=opset, extra=extra)
+            paths = export_dense(res.Q.cpu(), task, tmp, cv, opset=opset, extra=extra, test_scale=scale)
             timings["export_s"] = round(time.perf_counter() - t0, 3)
             timings["total_s"] = round(time.perf_counter() - t_start, 3)
             files = {}

@@ -1,4 +1,5 @@
-"""Data-free quantization of the dense models (Mask R-CNN, UperNet with the original Swin):
+"""Data-free quantization of the dense models (Mask R-CNN, Cascade Mask R-CNN, UperNet with the
+original Swin):
 quantize -> synthesise on the backbone -> calibrate on the dense outputs -> save -> export.
 
 The same quantizer (:func:`maskaq.qmodel.quantize_model`, :class:`maskaq.qmodel.QuantConfig`),
@@ -10,7 +11,7 @@ and method table (:func:`maskaq.pipeline.resolve_plan`) as classification; what 
 * synthesis runs on P's backbone (and Q's, for L_MAA) at the dense input size, with the
   original Swin's pad-then-shift window layout; L_CE is off by default (no classifier);
 * calibration distils the dense outputs instead of class logits: per-pixel KD on UperNet's
-  decode-head logits, normalised feature distillation on Mask R-CNN's FPN maps
+  decode-head logits, normalised feature distillation on the (Cascade) Mask R-CNN FPN maps
   (:func:`dense_distill`), plus the masked head-wise L_HD on the backbone's window attention;
 * ``scope="backbone"`` (default) quantizes the Swin backbone; ``scope="all"`` also the neck and
   heads (every Conv2d and Linear: weight per channel + input per tensor; the mask head's
@@ -47,7 +48,8 @@ from maskaq.qmodel import QuantConfig, QuantLinear
 from maskaq.quant import ActQuantizer, WeightQuantizer
 from maskaq.synthesis import SynthResult, synthesize
 
-from .models import DetConfig, MaskRCNN, SegConfig, UperNet, quantize_backbone, tiny_swin_config
+from .models import (CascadeDetConfig, CascadeMaskRCNN, DetConfig, MaskRCNN, SegConfig, UperNet, quantize_backbone,
+                     tiny_swin_config)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,11 @@ def _tiny_det() -> DetConfig:
     return DetConfig(swin=tiny_swin_config(depths=(2, 1, 1, 1)), fpn_channels=32, fc_dim=64, mask_conv_dim=32)
 
 
+def _tiny_cascade() -> CascadeDetConfig:
+    return CascadeDetConfig(swin=tiny_swin_config(depths=(2, 1, 1, 1)), fpn_channels=32, bbox_conv_dim=32, fc_dim=64,
+                            mask_conv_dim=32)
+
+
 def _tiny_seg() -> SegConfig:
     return SegConfig(swin=tiny_swin_config(depths=(2, 1, 1, 1)), channels=32, aux_channels=16)
 
@@ -83,8 +90,10 @@ def _tiny_seg() -> SegConfig:
 #: ``tiny_*``: 16-channel Swin with random weights, for tests and smoke runs.
 DENSE_MODELS: dict[str, tuple[str, type, Callable[[], Any], tuple[int, int]]] = {
     "swin_t_mask_rcnn": ("coco", MaskRCNN, DetConfig, (800, 1344)),
+    "swin_t_cascade_mask_rcnn": ("coco", CascadeMaskRCNN, CascadeDetConfig, (800, 1344)),
     "swin_t_upernet": ("ade20k", UperNet, SegConfig, (512, 512)),
     "tiny_mask_rcnn": ("coco", MaskRCNN, _tiny_det, (64, 96)),
+    "tiny_cascade_mask_rcnn": ("coco", CascadeMaskRCNN, _tiny_cascade, (64, 96)),
     "tiny_upernet": ("ade20k", UperNet, _tiny_seg, (64, 96)),
 }
 
@@ -150,7 +159,8 @@ def quantize_dense(model: nn.Module, config: QuantConfig, scope: str = "backbone
     embedding's conv weight, q/k/softmax/v). ``scope="all"``: also every ``nn.Conv2d`` and
     ``nn.Linear`` of the neck and heads (weight + input; ``keep_first_last_8bit`` keeps the final
     predictors - ``conv_seg``, ``fc_cls``, ``fc_reg``, ``conv_logits``, ``rpn_cls``, ``rpn_reg`` -
-    at 8 bit); transposed convs, BatchNorm, pooling and resizes stay FP.
+    at 8 bit), Cascade Mask R-CNN's three box heads (shared convs, shared FC, predictors) and three
+    mask heads included; transposed convs, BatchNorm, pooling and resizes stay FP.
     """
     if scope not in SCOPES:
         raise DenseError(f"quantization scope {scope!r} is not valid; valid: {', '.join(SCOPES)}")
@@ -214,10 +224,18 @@ def _roi_features(feats: list[torch.Tensor], boxes: torch.Tensor, size: int, str
     return out
 
 
+def _stages(x: Any) -> list:
+    """The per-stage entries of a (Cascade) RoI head: a ModuleList / tuple as a list, one head as [it]."""
+    return list(x) if isinstance(x, (nn.ModuleList, tuple, list)) else [x]
+
+
 class DistillTarget(nn.Module):
-    """What calibration distils. Mask R-CNN: the FPN maps ``(p2..p6)``; with ``heads=True``
+    """What calibration distils. (Cascade) Mask R-CNN: the FPN maps ``(p2..p6)``; with ``heads=True``
     (the heads are quantized) also the RPN outputs and the box and mask heads' outputs on the
-    :func:`calibration_boxes` RoIs pooled from the model's own FPN maps. UperNet: the decode-head
+    :func:`calibration_boxes` RoIs pooled from the model's own FPN maps - Mask R-CNN: ``cls``,
+    ``reg``, ``mask`` tensors; Cascade: tuples with one entry per stage, every stage on the same
+    fixed RoIs (the test-time refinement between stages needs detections, which the fixed-RoI
+    calibration does not have). UperNet: the decode-head
     logits ``[B, K, H/4, W/4]`` (before the resize to the input, which is linear and adds
     nothing). Holds the model's own submodules (shared, not copied), only those on the path, so
     every parameter it trains receives a gradient."""
@@ -226,8 +244,9 @@ class DistillTarget(nn.Module):
         super().__init__()
         self.backbone = model.backbone
         self.heads = bool(heads)
-        if isinstance(model, MaskRCNN):
+        if isinstance(model, (MaskRCNN, CascadeMaskRCNN)):
             self.kind, self.neck = "fpn", model.neck
+            self.cascade = isinstance(model, CascadeMaskRCNN)
             if self.heads:
                 self.rpn_head, self.roi_head = model.rpn_head, model.roi_head
         elif isinstance(model, UperNet):
@@ -243,23 +262,28 @@ class DistillTarget(nn.Module):
         if not self.heads:
             return fpn
         boxes = calibration_boxes(tuple(x.shape[-2:]))
-        cls, reg = self.roi_head.bbox_head(_roi_features(list(fpn), boxes, 7))
-        mask = self.roi_head.mask_head(_roi_features(list(fpn), boxes, 14))
+        r7, r14 = _roi_features(list(fpn), boxes, 7), _roi_features(list(fpn), boxes, 14)
+        box = [h(r7) for h in _stages(self.roi_head.bbox_head)]
+        mask = tuple(h(r14) for h in _stages(self.roi_head.mask_head))
+        cls, reg = tuple(c for c, _ in box), tuple(r for _, r in box)
+        if not self.cascade:
+            (cls,), (reg,), (mask,) = cls, reg, mask
         return {"fpn": fpn, "rpn": tuple(self.rpn_head(list(fpn))), "cls": cls, "reg": reg, "mask": mask}
 
 
 def _det_heads_distill(out_q: dict, out_p: dict, temperature: float) -> torch.Tensor:
-    return (feature_distill_loss(out_q["fpn"], out_p["fpn"])
-            + feature_distill_loss(list(out_q["rpn"]) + [out_q["reg"], out_q["mask"]],
-                                   list(out_p["rpn"]) + [out_p["reg"], out_p["mask"]])
-            + kd_loss(out_q["cls"], out_p["cls"], temperature))
+    maps = lambda o: list(o["rpn"]) + _stages(o["reg"]) + _stages(o["mask"])  # noqa: E731
+    cls = list(zip(_stages(out_q["cls"]), _stages(out_p["cls"])))
+    return (feature_distill_loss(out_q["fpn"], out_p["fpn"]) + feature_distill_loss(maps(out_q), maps(out_p))
+            + sum(kd_loss(q, p, temperature) for q, p in cls) / len(cls))
 
 
 def dense_distill(target: DistillTarget, temperature: float) -> Callable[[Any, Any], torch.Tensor]:
     """The output term that replaces L_KD [ours]: UperNet -> per-pixel KD (``T^2 KL``,
-    temperature T) on the decode-head logits; Mask R-CNN -> normalised feature distillation on
-    the FPN maps, plus (heads quantized) normalised distillation of the RPN maps, box deltas and
-    mask logits and KD on the box classifier's logits over the calibration RoIs."""
+    temperature T) on the decode-head logits; (Cascade) Mask R-CNN -> normalised feature
+    distillation on the FPN maps, plus (heads quantized) normalised distillation of the RPN maps,
+    box deltas and mask logits (every cascade stage's, one mean over all maps) and KD on the box
+    classifier's logits (Cascade: mean over the stages) over the calibration RoIs."""
     if target.kind == "seg":
         return functools.partial(pixel_kd_loss, temperature=temperature)
     if target.heads:
@@ -279,7 +303,7 @@ class DenseRunConfig:
         w_bits, a_bits, keep_first_last_8bit: :class:`maskaq.qmodel.QuantConfig`.
         scope: ``backbone`` | ``all`` (neck and heads too).
         input_size: ``(H, W)`` of the synthetic / noise calibration images (None: the model's
-            default, 800x1344 Mask R-CNN, 512x512 UperNet).
+            default, 800x1344 (Cascade) Mask R-CNN, 512x512 UperNet).
         preset, overrides: as classification (``maskaq.presets``); dense defaults
             (``synth.use_ce=False``) are applied before the overrides.
         seed; random_weights: seeded random weights instead of a checkpoint.
@@ -553,18 +577,32 @@ def load_dense_calibrated(state_path: str | os.PathLike, device: str | torch.dev
 
 
 def export_dense(Q: nn.Module, task: str, out_dir: str | os.PathLike, canvas: tuple[int, int], *,
-                 opset: int = 20, extra: dict[str, Any] | None = None, optimize: bool = True) -> dict[str, Path]:
+                 opset: int = 20, extra: dict[str, Any] | None = None, optimize: bool = True,
+                 test_scale: tuple[int, int] | None = None) -> dict[str, Path]:
     """Export a (quantized) dense model into ``out_dir`` for the numpy/ORT harness: COCO ->
-    the four Mask R-CNN graphs (``backbone_neck.onnx`` is what ``maskaq-eval --task coco``
-    takes); ADE20K -> ``upernet.onnx``. Quantized parts get the classifier path's QDQ encoding
-    and an ``.encodings.json`` sidecar (:func:`maskaq.dense.export.export_part`)."""
-    from .export import export_mask_rcnn, export_upernet
+    the four Mask R-CNN graphs, or Cascade Mask R-CNN's eight (``backbone_neck.onnx``,
+    ``rpn_head.onnx``, ``bbox_head_{0,1,2}.onnx``, ``mask_head_{0,1,2}.onnx``);
+    ``backbone_neck.onnx`` (or the directory) is what ``maskaq-eval --task coco`` takes; ADE20K ->
+    ``upernet.onnx``. ``test_scale`` ``(long, short)`` replaces the harness's resize scale in the
+    model's own test settings. Quantized parts get the classifier path's QDQ encoding and an
+    ``.encodings.json`` sidecar (:func:`maskaq.dense.export.export_part`)."""
+    from .export import (DET_TEST_CFG, SEG_TEST_CFG, cascade_test_cfg, export_cascade_mask_rcnn, export_mask_rcnn,
+                         export_upernet)
 
+    if task == "coco":
+        cascade = isinstance(Q, CascadeMaskRCNN)
+        fn, test_cfg = ((export_cascade_mask_rcnn, cascade_test_cfg(Q.cfg)) if cascade
+                        else (export_mask_rcnn, DET_TEST_CFG))
+    elif task == "ade20k":
+        fn, test_cfg = None, SEG_TEST_CFG
+    else:
+        raise DenseError(f"unknown dense task {task!r}; valid: coco, ade20k")
+    extra = dict(extra or {})
+    if test_scale is not None:
+        extra["test_cfg"] = dict(test_cfg, img_scale=[int(test_scale[0]), int(test_scale[1])])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if task == "coco":
-        return export_mask_rcnn(Q, out, tuple(canvas), opset=opset, extra=extra, optimize=optimize)
-    if task == "ade20k":
-        return {"upernet": export_upernet(Q, out / "upernet.onnx", tuple(canvas), opset=opset, extra=extra,
-                                          optimize=optimize)}
-    raise DenseError(f"unknown dense task {task!r}; valid: coco, ade20k")
+    if fn is not None:
+        return fn(Q, out, tuple(canvas), opset=opset, extra=extra, optimize=optimize)
+    return {"upernet": export_upernet(Q, out / "upernet.onnx", tuple(canvas), opset=opset, extra=extra,
+                                      optimize=optimize)}

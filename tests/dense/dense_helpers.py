@@ -17,9 +17,7 @@ K = 5  # classes of the tiny detectors = categories of coco_fixture
 CANVAS = (96, 96)  # fits the landscape and portrait fixture images resized to IMG_SCALE
 IMG_SCALE = [96, 64]
 SWIN = tiny_swin_config(depths=(2, 1, 1, 1))  # shifted windows in stage 0, padding everywhere
-# ade_fixture's 20x16 images resize to 80x64 with SEG_IMG_SCALE. (Canvases whose Swin stage maps
-# have exactly one window row and several columns, e.g. 48x64, do not run: swin.py's
-# window_partition(...).view(...) fails on that stride pattern.)
+# ade_fixture's 20x16 images resize to 80x64 with SEG_IMG_SCALE.
 SEG_CANVAS = (64, 96)
 SEG_IMG_SCALE = [96, 64]
 

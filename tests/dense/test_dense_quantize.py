@@ -354,3 +354,267 @@ def test_cli_refuses_non_empty_output(tmp_path):
     r = CliRunner().invoke(main, ["tiny_upernet", "--random-weights", "--bits", "4", "-o", str(out)])
     assert r.exit_code == 2 and "already exists" in r.output
     assert (out / "x").read_text() == "keep"
+
+
+# --- Cascade Mask R-CNN ---------------------------------------------------------------------
+
+CASCADE_PARTS = ("backbone_neck", "rpn_head", "bbox_head_0", "bbox_head_1", "bbox_head_2", "mask_head_0",
+                 "mask_head_1", "mask_head_2")
+
+
+def _cascade(seed: int = 0):
+    return build_dense_model("tiny_cascade_mask_rcnn", random_weights=True, seed=seed)[0]
+
+
+def _head_layers(model):
+    """(name, module) of every Conv2d / Linear in the three box and three mask heads."""
+    return [(n, m) for n, m in model.named_modules() if n.startswith("roi_head.")
+            and isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not isinstance(m, torch.nn.ConvTranspose2d)]
+
+
+def test_cascade_alias_strict_checkpoint_and_scopes(tmp_path):
+    from maskaq.dense.checkpoint import CheckpointError
+    from maskaq.dense.models import CascadeMaskRCNN
+
+    assert DENSE_MODELS["swin_t_cascade_mask_rcnn"][:2] == ("coco", CascadeMaskRCNN)
+    assert DENSE_MODELS["tiny_cascade_mask_rcnn"][3] == (64, 96)
+    src = _cascade(seed=3)
+    torch.save({"state_dict": {"module." + k: v for k, v in src.state_dict().items()}}, tmp_path / "c.pth")
+    P, task = build_dense_model("tiny_cascade_mask_rcnn", tmp_path / "c.pth")
+    assert task == "coco" and isinstance(P, CascadeMaskRCNN) and not P.training
+    for (k, a), b in zip(src.state_dict().items(), P.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert not torch.equal(_cascade(seed=0).roi_head.bbox_head[2].fc_cls.weight, P.roi_head.bbox_head[2].fc_cls.weight)
+    torch.save({"state_dict": _det().state_dict()}, tmp_path / "mrcnn.pth")  # strict: a Mask R-CNN is refused
+    with pytest.raises(CheckpointError, match="CascadeMaskRCNN|MaskRCNN"):
+        build_dense_model("tiny_cascade_mask_rcnn", tmp_path / "mrcnn.pth")
+
+    qb = quantize_dense(P, QuantConfig(4, 4), "backbone")
+    assert all(type(m) in (torch.nn.Conv2d, torch.nn.Linear) for _, m in _head_layers(qb))
+    Q = quantize_dense(P, QuantConfig(4, 4, keep_first_last_8bit=True), "all")
+    layers = _head_layers(Q)
+    # per stage: 4 shared convs + 1 shared FC + fc_cls + fc_reg; 4 mask convs + conv_logits
+    assert len(layers) == 3 * (7 + 5)
+    for s in range(3):
+        assert {n for n, _ in layers if n.startswith(f"roi_head.bbox_head.{s}.")} == \
+            {f"roi_head.bbox_head.{s}.shared_convs.{i}.conv" for i in range(4)} | \
+            {f"roi_head.bbox_head.{s}.{x}" for x in ("shared_fcs.0", "fc_cls", "fc_reg")}
+    for n, m in layers:
+        assert type(m) in (QuantConvAct, QuantLinear), n
+        last = n.rsplit(".", 1)[-1] in ("fc_cls", "fc_reg", "conv_logits")
+        assert m.weight_quantizer.bits == (8 if last else 4) == m.input_quantizer.bits, n
+    for s in range(3):
+        assert type(Q.roi_head.bbox_head[s].shared_convs[0].bn) is torch.nn.BatchNorm2d
+        assert type(Q.roi_head.mask_head[s].upsample) is torch.nn.ConvTranspose2d
+    assert isinstance(Q.neck.fpn_convs[0].conv, QuantConvAct) and isinstance(Q.rpn_head.rpn_conv, QuantConvAct)
+    assert not any("quantizer" in n for n, _ in P.named_modules())  # P untouched
+
+
+def test_cascade_distill_target_all_stages():
+    from maskaq.dense.quantize import _roi_features
+
+    P = _cascade()
+    Q = quantize_dense(P, QuantConfig(4, 4), "all")
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    Pd, Qd = DistillTarget(P, heads=True), DistillTarget(Q, heads=True)
+    with torch.no_grad():
+        out = Pd(x)
+    K = calibration_boxes((64, 96)).shape[0]
+    assert all(len(out[k]) == 3 for k in ("cls", "reg", "mask"))
+    fpn = list(P.features(x))
+    boxes = calibration_boxes((64, 96))
+    with torch.no_grad():
+        r7, r14 = _roi_features(fpn, boxes, 7), _roi_features(fpn, boxes, 14)
+        for s in range(3):  # every stage on the same fixed RoIs pooled from P's own FPN maps
+            cls, reg = P.roi_head.bbox_head[s](r7)
+            torch.testing.assert_close(out["cls"][s], cls, rtol=0, atol=0)
+            torch.testing.assert_close(out["reg"][s], reg, rtol=0, atol=0)
+            torch.testing.assert_close(out["mask"][s], P.roi_head.mask_head[s](r14), rtol=0, atol=0)
+    assert out["cls"][0].shape == (2 * K, 81) and out["reg"][1].shape == (2 * K, 320)
+    assert out["mask"][2].shape == (2 * K, 80, 28, 28)
+    fn = dense_distill(Qd, 2.0)
+    assert float(fn(out, out)) == pytest.approx(0.0, abs=1e-6)
+    for key in ("cls", "reg", "mask"):  # a change in any stage's output is seen
+        noise = torch.randn(out[key][2].shape, generator=torch.Generator().manual_seed(1)) * out[key][2].std()
+        bad = dict(out, **{key: (out[key][0], out[key][1], out[key][2] + noise)})
+        assert float(fn(bad, out)) > 1e-4, key
+    with torch.no_grad():
+        Qd(x)  # initialise the activation quantizers
+    loss = fn(Qd(x), out)
+    loss.backward()
+    for s in range(3):  # all three box and mask heads are trained
+        for m in (Q.roi_head.bbox_head[s].shared_convs[0].conv, Q.roi_head.bbox_head[s].fc_cls,
+                  Q.roi_head.mask_head[s].conv_logits, Q.roi_head.mask_head[s].upsample):
+            assert m.weight.grad is not None and m.weight.grad.abs().sum() > 0, s
+    # Mask R-CNN keeps its single-head outputs and the same loss as before Cascade was added
+    D_ = _det()
+    Qm = quantize_dense(D_, QuantConfig(4, 4), "all")
+    Pm, Qmd = DistillTarget(D_, heads=True), DistillTarget(Qm, heads=True)
+    with torch.no_grad():
+        Qmd(x)
+        oq, op = Qmd(x), Pm(x)
+    assert isinstance(op["cls"], torch.Tensor)
+    ref = (feature_distill_loss(oq["fpn"], op["fpn"])
+           + feature_distill_loss(list(oq["rpn"]) + [oq["reg"], oq["mask"]], list(op["rpn"]) + [op["reg"], op["mask"]])
+           + kd_loss(oq["cls"], op["cls"], 2.0))
+    torch.testing.assert_close(dense_distill(Qmd, 2.0)(oq, op), ref, rtol=0, atol=0)
+
+
+def _coco80(root):
+    """dense_helpers.coco_fixture (2 images) with 80 categories, as the tiny COCO detectors predict."""
+    import dense_helpers as D
+
+    coco = D.coco_fixture(root)
+    ann = coco / "annotations" / "instances_val2017.json"
+    d = json.loads(ann.read_text())
+    ids = [c["id"] for c in d["categories"]]
+    d["categories"] += [{"id": i, "name": f"c{i}"} for i in range(max(ids) + 1, max(ids) + 1 + 80 - len(ids))]
+    ann.write_text(json.dumps(d))
+    return coco
+
+
+@pytest.fixture(scope="module")
+def cascade_ckpt(tmp_path_factory):
+    """An mmdet-layout tiny Cascade checkpoint with non-trivial BN statistics and confident class
+    logits: random 81-way logits, averaged over the stages, stay under the harness's 0.05 score
+    threshold, so every stage favours the fixture's two annotated classes (contiguous 0 and 2)."""
+    import dense_helpers as D
+
+    m = D.randomise(_cascade(seed=5))
+    with torch.no_grad():
+        for h in m.roi_head.bbox_head:
+            h.fc_cls.weight.mul_(10)
+            h.fc_cls.bias.zero_()
+            h.fc_cls.bias[[0, 2]] = 4.0
+    path = tmp_path_factory.mktemp("cascade_ckpt") / "cascade.pth"
+    torch.save({"meta": {"mmdet_version": "2.11.0"}, "state_dict": m.state_dict()}, path)
+    return path, m
+
+
+def _ref_session_factory():
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    so.intra_op_num_threads = 1
+    return lambda p: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+
+
+def _check_cascade_parts_against_torch(out, Q, canvas, quantized_parts):
+    """Every graph in ORT reference QDQ mode equals Q (torch fake-quant) on its own input."""
+    x = torch.randn(1, 3, *canvas, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(4)
+    r7, r14 = torch.randn(6, 32, 7, 7, generator=g), torch.randn(6, 32, 14, 14, generator=g)
+    with torch.no_grad():
+        feats = BackboneNeck(Q)(x)
+        refs = {"backbone_neck": feats, "rpn_head": RPNHeadPart(Q)(*feats)}
+        for s in range(3):
+            refs[f"bbox_head_{s}"] = Q.roi_head.bbox_head[s](r7)
+            refs[f"mask_head_{s}"] = (Q.roi_head.mask_head[s](r14),)
+    feeds = {"backbone_neck": {"input": x.numpy()}, "rpn_head": {f"p{i + 2}": f.numpy() for i, f in enumerate(feats)},
+             **{f"bbox_head_{s}": {"rois": r7.numpy()} for s in range(3)},
+             **{f"mask_head_{s}": {"rois": r14.numpy()} for s in range(3)}}
+    make = _ref_session_factory()
+    for part in CASCADE_PARTS:
+        p = out / f"{part}.onnx"
+        m = onnx.load(str(p))
+        meta = {q.key: q.value for q in m.metadata_props}
+        assert meta["maskaq.task"] == "coco_instance_cascade" and json.loads(meta["maskaq.dense"])["part"] == part
+        qdq = {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in m.graph.node}
+        assert qdq == (part in quantized_parts), part
+        assert (out / f"{part}.encodings.json").is_file() == (part in quantized_parts), part
+        ys = make(p).run(None, feeds[part])
+        assert len(ys) == len(refs[part]), part
+        for y, r in zip(ys, refs[part]):
+            np.testing.assert_allclose(y, r.numpy(), rtol=0, atol=1e-5 if part in quantized_parts else 1e-4,
+                                       err_msg=part)
+
+
+@pytest.mark.slow  # ~25-30 s on 2 busy cores (calibration, 8 dynamo exports, the harness on 2 images)
+def test_cli_cascade_end_to_end_scored_by_maskaq_eval(tmp_path, cascade_ckpt):
+    """maskaq-export tiny_cascade_mask_rcnn --checkpoint X.pth --bits 4 -o out/ writes the 8 graphs
+    of export_cascade_mask_rcnn; maskaq-eval out/ --task coco scores them with the harness's
+    CascadeMaskRCNNPredictor (same numbers as calling it directly)."""
+    from export.cli import main
+    from runtime_eval.cli import main as eval_main
+    from runtime_eval.coco import coco_dataset, evaluate_detection
+    from runtime_eval.dense import CascadeMaskRCNNPredictor
+
+    pytest.importorskip("pycocotools")
+    ckpt, src = cascade_ckpt
+    out = tmp_path / "cascade"
+    r = CliRunner().invoke(main, ["tiny_cascade_mask_rcnn", "--checkpoint", str(ckpt), "--bits", "4", "--preset",
+                                  "tiny", "--canvas", "96x96", "--test-scale", "96x64", "-q", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{p}.onnx" for p in CASCADE_PARTS]
+                                                           + ["backbone_neck.encodings.json", "report.json"])
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["files"]) == sorted(CASCADE_PARTS) and report["canvas"] == [96, 96]
+    assert report["distill"] == "normalised FPN feature distillation"
+    Q, P, cfg = load_dense_calibrated(report["state"])
+    assert cfg.model == "tiny_cascade_mask_rcnn" and cfg.checkpoint == str(ckpt) and cfg.scope == "backbone"
+    for (k, a), b in zip(src.state_dict().items(), P.state_dict().values()):  # the checkpoint, loaded strictly
+        assert torch.equal(a, b), k
+    dense = json.loads({q.key: q.value for q in onnx.load(str(out / "bbox_head_1.onnx")).metadata_props}["maskaq.dense"])
+    assert dense["model"] == "cascade_mask_rcnn_swin" and dense["num_stages"] == 3
+    assert dense["test_cfg"]["img_scale"] == [96, 64] and len(dense["test_cfg"]["stage_target_stds"]) == 3
+    assert dense["maskaq_run"]["config"]["model"] == "tiny_cascade_mask_rcnn"
+    _check_cascade_parts_against_torch(out, Q, (96, 96), {"backbone_neck"})
+
+    coco = _coco80(tmp_path / "coco")
+    rep_path = tmp_path / "rep.json"
+    r = CliRunner().invoke(eval_main, [str(out), "--task", "coco", "--data", str(coco), "-o", str(rep_path),
+                                       "--provider", "cpu", "--threads", "1", "-q"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    rep = json.loads(rep_path.read_text())
+    assert rep["model"]["task"] == "coco_instance_cascade" and rep["model"]["quant"]["scope"] == "backbone"
+    parts = rep["model"]["dense"]
+    assert parts["model"] == "cascade_mask_rcnn_swin" and parts["num_parts"] == 8 == len(parts["parts"])
+    assert parts["parts"]["backbone_neck"]["qdq"]["total"] > 0 and parts["parts"]["bbox_head_2"]["qdq"]["total"] == 0
+    assert rep["runtime"]["mode"] == "reference"
+    met = rep["metrics"]
+    assert met["images"] == 2
+    for t in ("bbox", "segm"):
+        assert 0.0 <= met[t]["AP"] <= 100.0 and met[t]["detections"] > 0, met[t]
+    direct = evaluate_detection(CascadeMaskRCNNPredictor(out, session_factory=_ref_session_factory()),
+                                coco_dataset(coco))
+    for t in ("bbox", "segm"):
+        assert met[t] == pytest.approx(direct[t])
+
+
+@pytest.mark.slow  # ~30-35 s on 2 busy cores (8 QDQ exports)
+def test_cli_cascade_quantize_all_quantizes_every_stage(tmp_path, cascade_ckpt):
+    """--quantize all: the neck, RPN and all three box and mask heads are quantized (calibrated on
+    the fixed calibration RoIs) and exported with Q/DQ; ORT reference mode equals torch."""
+    from export.cli import main
+    from runtime_eval.dense import CascadeMaskRCNNPredictor
+
+    ckpt, _ = cascade_ckpt
+    out = tmp_path / "cascade_all"
+    r = CliRunner().invoke(main, ["tiny_cascade_mask_rcnn", "--checkpoint", str(ckpt), "--bits", "4", "--quantize",
+                                  "all", "--method", "psaq", "--preset", "tiny", "--canvas", "96x96",
+                                  "--test-scale", "96x64", "-q", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["distill"].endswith("RPN/RoI-head outputs on fixed calibration RoIs")
+    for part in CASCADE_PARTS:
+        meta = {q.key: q.value for q in onnx.load(str(out / f"{part}.onnx")).metadata_props}
+        assert json.loads(meta["maskaq.quant"]) == {"w_bits": 4, "a_bits": 4, "profile": "ort", "scope": "all",
+                                                    "method": "psaq"}, part
+    for s in range(3):  # every stage's box head: its convs, FC and predictors read int8 weights through DQ
+        m = onnx.load(str(out / f"bbox_head_{s}.onnx"))
+        dq_in = {n.input[0] for n in m.graph.node if n.op_type == "DequantizeLinear"}
+        int8 = {t.name for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+        for name in [f"shared_convs.{i}.conv" for i in range(4)] + ["shared_fcs.0", "fc_cls", "fc_reg"]:
+            w = f"{name}.weight_quantizer.qweight"
+            assert w in dq_in and w in int8, (s, name, sorted(dq_in))
+            assert f"{name}.input_quantizer.quantized" in dq_in, (s, name)
+    Q, _, cfg = load_dense_calibrated(report["state"])
+    assert cfg.scope == "all"
+    _check_cascade_parts_against_torch(out, Q, (96, 96), set(CASCADE_PARTS))
+    # the harness runs the quantized cascade
+    from runtime_eval.coco import coco_dataset
+
+    ds = coco_dataset(_coco80(tmp_path / "coco"))
+    pred = CascadeMaskRCNNPredictor(out, session_factory=_ref_session_factory())
+    info = ds.info(0)
+    det = pred(ds.image(0), info)
+    assert len(det.scores) > 0 and det.masks.shape[1:] == (info["height"], info["width"])
