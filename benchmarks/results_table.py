@@ -242,7 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--split", choices=["test", "val"], default="test")
     ap.add_argument("--no-report", action="store_true")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run the arms in N worker processes (one torch thread each), then report")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "i/N": this process's share
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error(f"--jobs {args.jobs} is invalid; valid: an integer >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from maskaq.presets import parse_overrides
@@ -258,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         for s in args.seeds:
             todo.append((f"{arm[0]}__{arm[3]}__s{s}", (arm, s)))
     t_all = time.time()
+    if args.jobs > 1 and args.worker is None:
+        return _run_workers(argv if argv is not None else sys.argv[1:], args, out, command, t_all)
+    if args.worker is not None:
+        k, n = (int(v) for v in args.worker.split("/"))
+        todo = todo[k::n]  # round robin: heavy and light arms spread over the workers
     for i, (key, job) in enumerate(todo):
         rec_path = out / "records" / (key + ("" if args.split == "test" else "__val") + ".json")
         if rec_path.exists():
@@ -270,6 +280,34 @@ def main(argv: list[str] | None = None) -> int:
         log.info("[%d/%d] %s: onnx %s torch %.2f (%.0f s; %.0f s so far)", i + 1, len(todo), key,
                  "-" if rec["onnx_top1"] is None else f"{rec['onnx_top1']:.2f}", rec["torch_top1"], rec["wall_s"],
                  time.time() - t_all)
+    if not args.no_report and args.split == "test":
+        write_report(out, Path(args.docs), command)
+    return 0
+
+
+def _run_workers(argv: list[str], args: argparse.Namespace, out: Path, command: str, t_all: float) -> int:
+    """``--jobs N``: the same command in N processes, each taking every N-th arm; then the report."""
+    import os
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:  # drop --jobs N / --jobs=N
+        if skip:
+            skip = False
+            continue
+        if a == "--jobs":
+            skip = True
+            continue
+        if a.startswith("--jobs="):
+            continue
+        rest.append(a)
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *rest, "--no-report",
+                               "--worker", f"{k}/{args.jobs}"], env=env) for k in range(args.jobs)]
+    codes = [p.wait() for p in procs]
+    log.info("%d workers finished in %.0f s (exit codes %s)", args.jobs, time.time() - t_all, codes)
+    if any(codes):
+        return next(c for c in codes if c)
     if not args.no_report and args.split == "test":
         write_report(out, Path(args.docs), command)
     return 0
