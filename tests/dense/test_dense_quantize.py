@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 
 import numpy as np
 import onnx
@@ -24,15 +23,6 @@ from maskaq.qmodel import QuantConfig, QuantLinear, prepare_model, record_attent
 from maskaq.synthesis import SynthConfig, SynthesisError, attention_layout, synthesize
 
 HW = (60, 90)  # stage grids 15x23, 8x12, 4x6, 2x3: none a multiple of the window (7)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_export_trace():
-    lg = logging.getLogger("torch.__trace")
-    old = lg.propagate
-    lg.propagate = False
-    yield
-    lg.propagate = old
 
 
 def _seg(seed: int = 0) -> UperNet:

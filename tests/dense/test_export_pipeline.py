@@ -19,18 +19,6 @@ SWIN = tiny_swin_config(depths=(2, 1, 1, 1))  # shifted windows in stage 0, padd
 K = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_export_trace():
-    """pytest's log capture formats every torch.export trace record (minutes); keep them local."""
-    import logging
-
-    lg = logging.getLogger("torch.__trace")
-    old = lg.propagate
-    lg.propagate = False
-    yield
-    lg.propagate = old
-
-
 def _sess(p):
     return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
 
