@@ -9,11 +9,8 @@ without a traceback and without leaving files behind.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -22,9 +19,9 @@ from typing import Any
 
 import click
 
-PROG = "maskaq-export"
+from .cli_common import PRESETS, _check_device, _Command, _fail, _setup_logging, _sha256, _warn
+
 METHODS = ("maskaq", "mimiq", "psaq", "noise", "real")
-PRESETS = ("cpu", "paper", "tiny")
 BLOCK_SIZES = (32, 64, 128)
 
 EPILOG = """\b
@@ -53,39 +50,6 @@ widened to a symmetric one covering it; the report and a warning give the cost).
 """
 
 
-def _one_line(msg: str) -> str:
-    return " ".join(str(msg).split())
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    click.echo(f"{PROG}: error: {_one_line(msg)}", err=True)
-    sys.exit(code)
-
-
-def _warn(msg: str, quiet: bool) -> None:
-    if not quiet:
-        click.echo(f"{PROG}: warning: {_one_line(msg)}", err=True)
-
-
-class _Command(click.Command):
-    """Usage errors and library errors become one line and exit status 2."""
-
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
-        try:
-            rv = super().main(args=args, prog_name=prog_name or PROG, complete_var=complete_var,
-                              standalone_mode=False, **extra)
-        except click.exceptions.UsageError as e:
-            _fail(f"{e.format_message()} (see {PROG} --help)")
-        except (click.exceptions.Abort, KeyboardInterrupt):
-            _fail("interrupted", 130)
-        except click.ClickException as e:
-            _fail(e.format_message(), e.exit_code)
-        if not standalone_mode:
-            return rv
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
 class _ExportCommand(_Command):
     """``maskaq-export``: a dense model alias (``swin_t_upernet``, ``swin_t_mask_rcnn``...) hands
     the whole command line over to :func:`export.dense_cli.dense_main`."""
@@ -108,23 +72,6 @@ def _out_paths(out: Path) -> dict[str, Path]:
     stem = out.with_suffix("") if out.suffix.lower() == ".onnx" else out
     return {"onnx": out, "encodings": Path(f"{stem}.encodings.json"), "report": Path(f"{stem}.report.json"),
             "run": Path(f"{stem}.run")}
-
-
-def _check_device(device: str) -> str:
-    if not re.fullmatch(r"cpu|cuda|cuda:\d+", device):
-        raise click.UsageError(f"device {device!r} is not valid; valid: cpu, cuda, cuda:N")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise click.UsageError(f"device {device!r} requested but no CUDA device is available; use --device cpu")
-        if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
-            raise click.UsageError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
-        # Same seed, same device, same result: two identical CUDA runs of the cpu preset differed by
-        # up to 1.3e-3 in Q's parameters without deterministic kernels (measured on an H100).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    return device
 
 
 def _check_model_name(name: str) -> None:
@@ -157,14 +104,6 @@ def _hub_offline_if_unreachable(model: str) -> None:
         hc.HF_HUB_OFFLINE = True
     except Exception:  # noqa: BLE001 - hub not installed or another layout: nothing to switch
         pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def conversion_cost(Q: Any, data_config: Any, n: int = 64, seed: int = 0) -> dict[str, Any]:
@@ -391,22 +330,6 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
         click.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {tag}, opset {result.opset}, "
                    f"{result.num_quantizers} quantizers) in {timings['total_s']:.1f} s")
         click.echo(f"      {result.encodings_path}, {paths['report']}; run directory {run_path}")
-
-
-class _LogFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"{PROG}: {record.levelname.lower()}: {_one_line(record.getMessage())}"
-
-
-def _setup_logging(quiet: bool) -> None:
-    h = logging.StreamHandler(sys.stderr)
-    h.setFormatter(_LogFormatter())
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
-    for name in ("maskaq", "export"):
-        lg = logging.getLogger(name)
-        lg.handlers[:] = [h]
-        lg.setLevel(logging.ERROR if quiet else logging.WARNING)
-        lg.propagate = False
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,14 +23,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .cli import PRESETS, _check_device, _Command, _fail, _setup_logging, _sha256
+from .cli_common import PRESETS, _check_device, _Command, _fail, _setup_logging, _sha256
 
 DENSE_EPILOG = """\b
 Examples:
