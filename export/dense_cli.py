@@ -114,14 +114,14 @@ def dense_main(ctx: click.Context, model: str, checkpoint: str | None, random_we
     _setup_logging(quiet)
     from maskaq.calibration import CalibError
     from maskaq.dense.checkpoint import CheckpointError
-    from maskaq.dense.export import DenseExportError
-    from maskaq.dense.quantize import DENSE_MODELS, DenseError, DenseRunConfig, export_dense, run_dense_pipeline
+    from maskaq.dense.quantize import DENSE_MODELS, DenseError, DenseRunConfig, run_dense_pipeline
     from maskaq.io import atomic_write_json
     from maskaq.pipeline import PipelineError
     from maskaq.presets import PresetError, parse_overrides
     from maskaq.quant import QuantError, check_bits
     from maskaq.synthesis import SynthesisError
 
+    from .dense_export import DenseExportError, export_dense
     from .onnx_export import SUPPORTED_OPSETS, package_versions
 
     if model not in DENSE_MODELS:

@@ -7,8 +7,8 @@ Pipeline of one export (every step a function below)::
       --torch.onnx.export(dynamo=True, custom_translation_table)--> graph with
             activations: Clip(bounds from s, z) -> QuantizeLinear -> DequantizeLinear
             weights:     W -> QuantizeLinear(axis 0) -> integer Clip -> DequantizeLinear
-      --_optimize (constant folding, no initializer de-duplication)-->
-      --_rewrite_qdq--> the encodings below, every tensor named after its quantizer
+      --fold_constants (constant folding, no initializer de-duplication)-->
+      --rewrite_quantizers--> the encodings below, every tensor named after its quantizer
       --metadata, checker--> OUT.onnx (+ OUT.encodings.json), written atomically
 
 Encodings (docs/export-notes.md):
@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ExportError",
+    "fold_constants",
+    "rewrite_quantizers",
+    "translation_table",
     "ExportResult",
     "export_onnx",
     "block_quantize",
@@ -186,7 +189,7 @@ def translation_table(opset: int) -> dict[Callable, Callable]:
 def _rewrite_rules(keep_relu: bool) -> Any:
     """onnxscript's default rewrite rules; ``keep_relu`` drops the Relu/Clip fusion, which would
     merge a ReLU into the Clip of a following activation quantizer (CNN heads: conv -> ReLU ->
-    quantized conv) and so hide the quantizer's own range from :func:`_rewrite_qdq`."""
+    quantized conv) and so hide the quantizer's own range from :func:`rewrite_quantizers`."""
     from onnxscript import rewriter
 
     if not keep_relu:
@@ -199,7 +202,7 @@ def _rewrite_rules(keep_relu: bool) -> Any:
     return tuple(r for r in rules if id(r) not in drop)
 
 
-def _optimize(model: Any, keep_relu: bool = False) -> None:
+def fold_constants(model: Any, keep_relu: bool = False) -> None:
     """Constant folding and clean-up on the ``onnx_ir`` model, like torch's default
     ``optimize=True`` but without de-duplicating initializers (that would merge equal-valued
     scales of different quantizers and lose their names). Q/DQ are never folded.
@@ -273,7 +276,7 @@ def _tensor(name: str, arr: np.ndarray, storage: str | None = None) -> onnx.Tens
     return numpy_helper.from_array(np.array(arr, order="C", copy=True), name)
 
 
-def _rewrite_qdq(model: onnx.ModelProto, records: dict[str, QuantRecord], *, int4_block: int | None,
+def rewrite_quantizers(model: onnx.ModelProto, records: dict[str, QuantRecord], *, int4_block: int | None,
                  shared_modules: bool = False) -> None:
     """Rebuild every quantizer's nodes in its final encoding, named after the quantizer.
 
@@ -679,12 +682,12 @@ def export_onnx(
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"torch.onnx.export failed for {type(Q).__name__}: {first}") from e
     t2 = time.perf_counter()
-    _optimize(prog.model)
+    fold_constants(prog.model)
     model = prog.model_proto
     del prog, M
     if len(model.graph.output) != 1:
         raise ExportError(f"the model has {len(model.graph.output)} outputs; a classifier must have one (logits)")
-    _rewrite_qdq(model, records, int4_block=int4)
+    rewrite_quantizers(model, records, int4_block=int4)
     model.graph.name = "maskaq"
     model.producer_name = "maskaq"
     model.producer_version = maskaq.__version__

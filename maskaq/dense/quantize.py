@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DenseError", "DENSE_MODELS", "DENSE_METHODS", "SCOPES", "DenseRunConfig", "DenseRunResult",
     "build_dense_model", "dense_data_config", "quantize_dense", "QuantConvAct", "DistillTarget", "calibration_boxes",
-    "dense_distill", "run_dense_pipeline", "load_dense_calibrated", "export_dense",
+    "dense_distill", "run_dense_pipeline", "load_dense_calibrated",
     "DENSE_CALIBRATED_FORMAT",
 ]
 
@@ -124,7 +124,7 @@ def build_dense_model(name: str, checkpoint: str | os.PathLike | None = None, *,
 def dense_data_config(input_hw: tuple[int, int]) -> DataConfig:
     """Preprocessing of the dense models in maskaq's 0-1 convention: RGB, mmdet/mmseg mean/std
     (123.675, 116.28, 103.53) / (58.395, 57.12, 57.375) on 0-255, at ``input_hw``."""
-    from .export import MEAN_255, STD_255
+    from .settings import MEAN_255, STD_255
 
     H, W = (int(v) for v in input_hw)
     return DataConfig((3, H, W), tuple(m / 255 for m in MEAN_255), tuple(s / 255 for s in STD_255),
@@ -574,35 +574,3 @@ def load_dense_calibrated(state_path: str | os.PathLike, device: str | torch.dev
         raise DenseError(f"calibrated state {str(path)!r} does not fit its model: {str(e).splitlines()[0]}") from None
     Q.maskaq_method = cfg.method  # type: ignore[attr-defined]
     return Q.to(device).eval(), P.to(device).eval(), cfg
-
-
-def export_dense(Q: nn.Module, task: str, out_dir: str | os.PathLike, canvas: tuple[int, int], *,
-                 opset: int = 20, extra: dict[str, Any] | None = None, optimize: bool = True,
-                 test_scale: tuple[int, int] | None = None) -> dict[str, Path]:
-    """Export a (quantized) dense model into ``out_dir`` for the numpy/ORT harness: COCO ->
-    the four Mask R-CNN graphs, or Cascade Mask R-CNN's eight (``backbone_neck.onnx``,
-    ``rpn_head.onnx``, ``bbox_head_{0,1,2}.onnx``, ``mask_head_{0,1,2}.onnx``);
-    ``backbone_neck.onnx`` (or the directory) is what ``maskaq-eval --task coco`` takes; ADE20K ->
-    ``upernet.onnx``. ``test_scale`` ``(long, short)`` replaces the harness's resize scale in the
-    model's own test settings. Quantized parts get the classifier path's QDQ encoding and an
-    ``.encodings.json`` sidecar (:func:`maskaq.dense.export.export_part`)."""
-    from .export import (DET_TEST_CFG, SEG_TEST_CFG, cascade_test_cfg, export_cascade_mask_rcnn, export_mask_rcnn,
-                         export_upernet)
-
-    if task == "coco":
-        cascade = isinstance(Q, CascadeMaskRCNN)
-        fn, test_cfg = ((export_cascade_mask_rcnn, cascade_test_cfg(Q.cfg)) if cascade
-                        else (export_mask_rcnn, DET_TEST_CFG))
-    elif task == "ade20k":
-        fn, test_cfg = None, SEG_TEST_CFG
-    else:
-        raise DenseError(f"unknown dense task {task!r}; valid: coco, ade20k")
-    extra = dict(extra or {})
-    if test_scale is not None:
-        extra["test_cfg"] = dict(test_cfg, img_scale=[int(test_scale[0]), int(test_scale[1])])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if fn is not None:
-        return fn(Q, out, tuple(canvas), opset=opset, extra=extra, optimize=optimize)
-    return {"upernet": export_upernet(Q, out / "upernet.onnx", tuple(canvas), opset=opset, extra=extra,
-                                      optimize=optimize)}
