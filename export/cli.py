@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from .cli_common import (PRESETS, _check_device, _Command, _fail, _interrupted, _kept_or_removed, _resume_line,
+from .cli_common import (PRESETS, _check_device, _Command, _fail, _interrupted, _kept_or_removed, _plan_totals, _resume_line,
                          _setup_logging, _sha256, _warn)
 
 METHODS = ("maskaq", "mimiq", "psaq", "noise", "real")
@@ -220,6 +220,7 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
     timings: dict[str, Any] = {}
     run_path: Path | None = None
     created = False
+    totals: tuple[int | None, int | None] = (None, None)
     try:
         if from_state is not None:
             clash = [f"--{n.replace('_', '-')}" for n in ("w_bits", "a_bits", "method", "preset", "overrides", "checkpoint",
@@ -267,12 +268,11 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
             run_path = Path(run_dir) if run_dir else paths["run"]
             if run_dir and not run_path.parent.is_dir():
                 _fail(f"run directory parent {str(run_path.parent)!r} does not exist")
-            if resume:  # say what is reused, or refuse: nothing to resume / other settings
-                from maskaq.pipeline import resolve_plan
+            from maskaq.pipeline import resolve_plan
 
-                plan = resolve_plan(rc)
-                nb = -(-plan.num_images // plan.synth.batch_size) if plan.synth is not None else None
-                _resume_line(run_path, rc.to_json(), nb, plan.calib.epochs if plan.ptq == "kd" else None, quiet)
+            totals = _plan_totals(resolve_plan(rc))
+            if resume:  # say what is reused, or refuse: nothing to resume / other settings
+                _resume_line(run_path, rc.to_json(), totals, quiet)
             created = not run_path.exists()
             t0 = time.perf_counter()
             try:
@@ -280,7 +280,7 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
             except KeyboardInterrupt:
                 raise
             except BaseException:
-                if created and not _kept_or_removed(run_path, created).startswith("checkpoints kept"):
+                if created and not _kept_or_removed(run_path, created, totals).startswith("checkpoints kept"):
                     created = False  # removed: nothing half-written is left behind
                 raise
             timings["pipeline_s"] = round(time.perf_counter() - t0, 3)
@@ -326,11 +326,11 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
     except KeyboardInterrupt as e:
         if run_path is None:
             raise
-        _interrupted(e, run_path, created, argv)
+        _interrupted(e, run_path, created, argv, totals)
     except known as e:
         kept = ""
         if created and run_path is not None and run_path.exists():  # work was done: its checkpoints stay
-            kept = f" ({_kept_or_removed(run_path, False)}; fix the cause and rerun the same command with --resume)"
+            kept = f" ({_kept_or_removed(run_path, False, totals)}; fix the cause and rerun the same command with --resume)"
         _fail(f"{e}{kept}")
 
     timings["total_s"] = round(time.perf_counter() - t_start, 3)

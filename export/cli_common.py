@@ -112,7 +112,13 @@ def _resume_command(argv: list[str]) -> str:
     return shlex.join([PROG, *args])
 
 
-def _kept_or_removed(run_path: Path, created: bool) -> str:
+def _plan_totals(plan: Any) -> tuple[int | None, int | None]:
+    """(synthesis batches per round, calibration epochs) of a :class:`maskaq.pipeline.Plan`."""
+    nb = -(-plan.num_images // plan.synth.batch_size) if plan.synth is not None else None
+    return nb, plan.calib.epochs if plan.ptq == "kd" else None
+
+
+def _kept_or_removed(run_path: Path, created: bool, totals: tuple[int | None, int | None] = (None, None)) -> str:
     """After a run stopped early: keep the run folder if it holds checkpoints (say how to
     resume), else remove it if this command made it. Returns what happened, for the message."""
     from maskaq.pipeline import read_checkpoints
@@ -126,15 +132,16 @@ def _kept_or_removed(run_path: Path, created: bool) -> str:
             shutil.rmtree(run_path, ignore_errors=True)
             return "before the first checkpoint was written; nothing kept"
         return f"before the first checkpoint was written; nothing to resume in {str(run_path)!r}"
-    what = ck.describe() if ck is not None else "checkpoints"
+    what = ck.describe(*totals) if ck is not None else "checkpoints"
     return f"checkpoints kept in {str(run_path)!r} ({what})"
 
 
-def _interrupted(e: BaseException, run_path: Path, created: bool, argv: list[str]) -> None:
+def _interrupted(e: BaseException, run_path: Path, created: bool, argv: list[str],
+                 totals: tuple[int | None, int | None] = (None, None)) -> None:
     """One line (what was kept, the exact command that resumes) and exit 130 / 143."""
     code = _exit_code(e)
     name = signal.Signals(code - 128).name if code - 128 in signal.Signals._value2member_map_ else "signal"
-    kept = _kept_or_removed(run_path, created)
+    kept = _kept_or_removed(run_path, created, totals)
     hint = f"; resume with: {_resume_command(argv)}" if kept.startswith("checkpoints kept") else \
         "; run the same command again to start over"
     sep = "; " if kept.startswith("checkpoints kept") else " "
@@ -142,8 +149,7 @@ def _interrupted(e: BaseException, run_path: Path, created: bool, argv: list[str
     sys.exit(code)
 
 
-def _resume_line(run_path: Path, config: dict[str, Any], num_batches: int | None, epochs: int | None,
-                 quiet: bool) -> None:
+def _resume_line(run_path: Path, config: dict[str, Any], totals: tuple[int | None, int | None], quiet: bool) -> None:
     """``--resume``: refuse (one line, exit 2) when there is nothing to resume or the settings
     differ; else say what is reused."""
     from maskaq.pipeline import PipelineError, check_resumable
@@ -153,7 +159,7 @@ def _resume_line(run_path: Path, config: dict[str, Any], num_batches: int | None
     except PipelineError as e:
         _fail(str(e))
     if not quiet:
-        click.echo(f"{PROG}: resuming {str(run_path)!r}: reusing {ck.describe(num_batches, epochs)}", err=True)
+        click.echo(f"{PROG}: resuming {str(run_path)!r}: reusing {ck.describe(*totals)}", err=True)
 
 
 def _check_device(device: str) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 
 import click
 
-from .cli_common import PRESETS, _check_device, _Command, _fail, _interrupted, _kept_or_removed, _resume_line, \
+from .cli_common import PRESETS, _check_device, _Command, _fail, _interrupted, _kept_or_removed, _plan_totals, _resume_line, \
     _setup_logging, _sha256
 
 DENSE_EPILOG = """\b
@@ -164,6 +164,7 @@ def dense_main(ctx: click.Context, model: str, checkpoint: str | None, random_we
     timings: dict[str, Any] = {}
     tmp = parent / f".{out.name}.tmp-{os.getpid()}"
     created = False
+    totals: tuple[int | None, int | None] = (None, None)
     try:
         check_bits(w_bits)
         check_bits(a_bits if a_bits is not None else w_bits)
@@ -171,10 +172,9 @@ def dense_main(ctx: click.Context, model: str, checkpoint: str | None, random_we
                              a_bits=a_bits if a_bits is not None else w_bits, keep_first_last_8bit=keep_first_last_8bit,
                              scope=scope, input_size=hw, preset=preset, overrides=parse_overrides(overrides), seed=seed,
                              random_weights=random_weights)
+        totals = _plan_totals(cfg.plan())
         if resume:  # say what is reused, or refuse: nothing to resume / other settings
-            plan = cfg.plan()
-            nb = -(-plan.num_images // plan.synth.batch_size) if plan.synth is not None else None
-            _resume_line(run_path, cfg.to_json(), nb, plan.calib.epochs if plan.ptq == "kd" else None, quiet)
+            _resume_line(run_path, cfg.to_json(), totals, quiet)
         created = not run_path.exists()
         t0 = time.perf_counter()
         try:
@@ -182,7 +182,7 @@ def dense_main(ctx: click.Context, model: str, checkpoint: str | None, random_we
         except KeyboardInterrupt:
             raise
         except BaseException:
-            if created and not _kept_or_removed(run_path, created).startswith("checkpoints kept"):
+            if created and not _kept_or_removed(run_path, created, totals).startswith("checkpoints kept"):
                 created = False  # removed: nothing half-written is left behind
             raise
         timings["pipeline_s"] = round(time.perf_counter() - t0, 3)
@@ -212,11 +212,11 @@ def dense_main(ctx: click.Context, model: str, checkpoint: str | None, random_we
     except click.UsageError:
         raise
     except KeyboardInterrupt as e:
-        _interrupted(e, run_path, created, argv)
+        _interrupted(e, run_path, created, argv, totals)
     except known as e:
         kept = ""
         if created and run_path.exists():  # work was done: its checkpoints stay
-            kept = f" ({_kept_or_removed(run_path, False)}; fix the cause and rerun the same command with --resume)"
+            kept = f" ({_kept_or_removed(run_path, False, totals)}; fix the cause and rerun the same command with --resume)"
         _fail(f"{e}{kept}")
     if not quiet:
         size = sum(f["bytes"] for f in files.values())
