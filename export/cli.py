@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,8 @@ from typing import Any
 
 import click
 
-from .cli_common import PRESETS, _check_device, _Command, _fail, _setup_logging, _sha256, _warn
+from .cli_common import (PRESETS, _check_device, _Command, _fail, _interrupted, _kept_or_removed, _plan_totals, _resume_line,
+                         _setup_logging, _sha256, _warn)
 
 METHODS = ("maskaq", "mimiq", "psaq", "noise", "real")
 BLOCK_SIZES = (32, 64, 128)
@@ -166,14 +166,15 @@ def _given(ctx: click.Context, name: str) -> bool:
 @click.option("--from-state", default=None, metavar="calibrated.pt",
               help="Re-export a finished run's calibrated state (no synthesis, no calibration).")
 @click.option("--random-weights", is_flag=True, help="Random model weights (speed tests).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars, no summary.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress, no summary (errors only).")
+@click.option("--verbose", "-v", is_flag=True, help="Log every step (INFO) on stderr.")
 @click.option("-o", "--output", required=True, metavar="OUT.onnx", help="Output ONNX file.")
 @click.pass_context
 def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int | None, method: str, preset: str,
          overrides: tuple[str, ...], checkpoint: str | None, calib_data: str | None, profile: str,
          weight_only_int4: bool, block_size: str | None, opset: int | None, keep_first_last_8bit: bool, seed: int,
          device: str, run_dir: str | None, resume: bool, from_state: str | None, random_weights: bool,
-         quiet: bool, output: str) -> None:
+         quiet: bool, verbose: bool, output: str) -> None:
     """Quantize a Vision Transformer without data (MaskAQ) and export it as a QDQ ONNX file.
 
     MODEL is an alias (fmnist_vit, deit_t, deit_s, deit_b, vit_t, vit_s, vit_b, swin_t, swin_s),
@@ -181,7 +182,8 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
     swin_t_upernet) take their own options and write a directory: maskaq-export swin_t_upernet --help.
     """
     t_start = time.perf_counter()
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
+    argv = list(getattr(ctx.command, "argv", []) or [])
     from maskaq.models import ModelError
     from maskaq.presets import PresetError, parse_overrides
     from maskaq.quant import QuantError, check_bits
@@ -216,6 +218,9 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
     report: dict[str, Any] = {"schema": "maskaq-export-report/1",
                               "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in ctx.params.items()}}
     timings: dict[str, Any] = {}
+    run_path: Path | None = None
+    created = False
+    totals: tuple[int | None, int | None] = (None, None)
     try:
         if from_state is not None:
             clash = [f"--{n.replace('_', '-')}" for n in ("w_bits", "a_bits", "method", "preset", "overrides", "checkpoint",
@@ -261,15 +266,22 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
                            overrides=parse_overrides(overrides), seed=seed, calib_data=calib_data,
                            random_weights=random_weights)
             run_path = Path(run_dir) if run_dir else paths["run"]
-            created = not run_path.exists()
             if run_dir and not run_path.parent.is_dir():
                 _fail(f"run directory parent {str(run_path.parent)!r} does not exist")
+            from maskaq.pipeline import resolve_plan
+
+            totals = _plan_totals(resolve_plan(rc))
+            if resume:  # say what is reused, or refuse: nothing to resume / other settings
+                _resume_line(run_path, rc.to_json(), totals, quiet)
+            created = not run_path.exists()
             t0 = time.perf_counter()
             try:
                 res = run_pipeline(rc, run_path, resume=resume, device=device, progress=not quiet)
+            except KeyboardInterrupt:
+                raise
             except BaseException:
-                if created and not resume:  # nothing half-written: drop the run directory we made
-                    shutil.rmtree(run_path, ignore_errors=True)
+                if created and not _kept_or_removed(run_path, created, totals).startswith("checkpoints kept"):
+                    created = False  # removed: nothing half-written is left behind
                 raise
             timings["pipeline_s"] = round(time.perf_counter() - t0, 3)
             timings["pipeline"] = res.report.get("timings")
@@ -278,6 +290,16 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
                                   "state": str(state_path), "samples_png": str(res.samples_png),
                                   "losses": res.report.get("losses")}
 
+        from .profiles import low_bit_storage
+
+        low_bit = None if weight_only_int4 else low_bit_storage(Q, profile)
+        if low_bit is not None:
+            _warn(f"--profile tensorrt writes the {'/'.join(map(str, sorted(set(low_bit['weight_bits'] + low_bit['activation_bits']))))}"
+                  f"-bit grids as int8 ({low_bit['weight_quantizers']} weight and {low_bit['activation_quantizers']} "
+                  "activation quantizers; weights as int8 holding only the low-bit values, activations clipped to "
+                  "the low-bit range before an int8 Q/DQ): TensorRT has no sub-8-bit type, so it computes the "
+                  "low-bit model with int8 kernels and int8 weight memory; use --profile ort or "
+                  "--weight-only-int4 for 4-bit storage", quiet)
         cost = None
         if profile == "tensorrt" and not weight_only_int4:
             cost = conversion_cost(Q, loaded.data_config)
@@ -301,8 +323,15 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
         timings["export"] = {k: round(v, 3) for k, v in result.timings.items()}
     except click.UsageError:
         raise
+    except KeyboardInterrupt as e:
+        if run_path is None:
+            raise
+        _interrupted(e, run_path, created, argv, totals)
     except known as e:
-        _fail(str(e))
+        kept = ""
+        if created and run_path is not None and run_path.exists():  # work was done: its checkpoints stay
+            kept = f" ({_kept_or_removed(run_path, False, totals)}; fix the cause and rerun the same command with --resume)"
+        _fail(f"{e}{kept}")
 
     timings["total_s"] = round(time.perf_counter() - t_start, 3)
     report.update({
@@ -310,6 +339,7 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
         "seed": rc.seed,
         "export": result.to_json(),
         "tensorrt_conversion": cost,
+        "tensorrt_low_bit_storage": low_bit,
         "timings": timings,
         "files": {
             "onnx": {"path": str(result.path), "bytes": result.size_bytes, "sha256": _sha256(result.path)},

@@ -23,7 +23,6 @@ import hashlib
 import logging
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -129,10 +128,14 @@ class CalibConfig:
         def bad(name: str, valid: str) -> CalibError:
             return CalibError(f"calib.{name}={getattr(self, name)!r} is invalid; valid: {valid}")
 
-        for name in ("epochs", "warmup_gate_epochs", "refresh_every"):
+        for name in ("warmup_gate_epochs", "refresh_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise bad(name, "an integer >= 0")
+        # 0 epochs would leave Q uncalibrated (activation ranges never initialised): refused here,
+        # at parse time, not at export after the synthesis has run
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
+            raise bad("epochs", "an integer >= 1")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise bad("batch_size", "an integer >= 1")
         for name in ("lr", "lr_min", "kd_temperature"):
@@ -789,10 +792,9 @@ def calibrate(
     total_epochs = cfg.epochs
     bar = None
     if progress and rank == 0 and first_epoch < total_epochs:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=total_epochs - first_epoch, desc="calibrate", unit="epoch", file=sys.stderr,
-                   disable=None, dynamic_ncols=True)
+        bar = progress_bar(total_epochs - first_epoch, "calibration", "epoch")
     epoch_times: list[float] = []
     init_checked = False
     try:

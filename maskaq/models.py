@@ -31,6 +31,7 @@ __all__ = [
     "load_model",
     "load_checkpoint",
     "save_checkpoint",
+    "check_finite_weights",
     "CHECKPOINT_FORMAT",
 ]
 
@@ -258,6 +259,12 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
             f"{str(path)!r} is not a maskaq checkpoint (no format {CHECKPOINT_FORMAT!r}); "
             "pass it with --checkpoint together with the timm model name it belongs to"
         )
+    missing = [k for k, kind in (("architecture", str), ("data_config", dict), ("state_dict", dict))
+               if not isinstance(obj.get(k), kind)]
+    if missing:
+        raise ModelError(f"maskaq checkpoint {str(path)!r} lacks {', '.join(repr(k) for k in missing)} "
+                         "(a maskaq checkpoint carries architecture, model_args, data_config and state_dict; "
+                         "write it with maskaq.models.save_checkpoint)")
     arch = obj["architecture"]
     args = dict(obj.get("model_args") or {})
     try:
@@ -265,10 +272,45 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"checkpoint {str(path)!r}: cannot build {arch!r} with {args}: {e}") from None
     _strict_load(model, _unwrap_state_dict(obj["state_dict"], path), f"checkpoint {str(path)!r}")
-    dcfg = DataConfig.from_json(obj["data_config"])
+    try:
+        dcfg = DataConfig.from_json(obj["data_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"maskaq checkpoint {str(path)!r}: data_config is not valid ({type(e).__name__}: {e}); "
+                         "it needs input_size [C, H, W], mean and std") from None
     return LoadedModel(_prepare(model), dcfg, arch,
                        {"model": arch, "checkpoint": str(path), "weights": "checkpoint"},
                        obj.get("labels"), args)
+
+
+def _alias_with_weights(ref: LoadedModel, path: Path) -> LoadedModel:
+    """A local alias (``fmnist_vit``) with weights from ``path``: a maskaq checkpoint of the same
+    architecture, or a state dict that fits the alias's model exactly (strict)."""
+    import timm
+
+    obj = _read_state_dict(path)
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        lm = load_checkpoint(path)
+        if lm.name.split(".", 1)[0] != ref.name.split(".", 1)[0] or lm.model_args != ref.model_args:
+            raise ModelError(f"checkpoint {str(path)!r} holds {lm.name!r} {lm.model_args}, not the "
+                             f"{ref.source.get('model')!r} architecture ({ref.name!r} {ref.model_args})")
+        lm.source["model"] = ref.source.get("model", lm.name)
+        return lm
+    model = timm.create_model(ref.name.split(".", 1)[0], pretrained=False, **ref.model_args)
+    _strict_load(model, _unwrap_state_dict(obj, path), f"checkpoint {str(path)!r}")
+    return LoadedModel(_prepare(model), ref.data_config, ref.name,
+                       {"model": ref.source.get("model", ref.name), "checkpoint": str(path), "weights": "checkpoint"},
+                       ref.labels, dict(ref.model_args))
+
+
+def check_finite_weights(model: nn.Module, what: str = "the model") -> None:
+    """Raise :class:`ModelError` naming the first parameter or buffer holding NaN or Inf (checked
+    once, before any work: non-finite weights make every synthesis step and loss non-finite)."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for k, t in items:
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+                raise ModelError(f"{what} has non-finite weights: {kind} {k!r} {tuple(t.shape)} holds "
+                                 f"{n_nan} NaN and {n_inf} Inf values; use a checkpoint with finite weights")
 
 
 def load_model(
@@ -305,9 +347,18 @@ def load_model(
             raise ModelError(f"the reference checkpoint for {name!r} is missing ({p}); reinstall maskaq")
         lm = load_checkpoint(p)
         lm.source["model"] = name
+        if checkpoint is not None:  # the alias's architecture with the caller's weights (never ignored)
+            lm = _alias_with_weights(lm, Path(checkpoint))
+        elif not pretrained:  # the alias's architecture, random weights (from the global RNG)
+            m = timm.create_model(lm.name.split(".", 1)[0], pretrained=False, **lm.model_args)
+            lm = LoadedModel(_prepare(m), lm.data_config, lm.name,
+                             {"model": name, "checkpoint": None, "weights": "random"}, lm.labels, lm.model_args)
         lm.model.to(device)
         return lm
-    if os.path.isfile(name) and checkpoint is None:
+    if os.path.isfile(name) and checkpoint is not None:
+        raise ModelError(f"MODEL {name!r} is a maskaq checkpoint file (it carries its weights); "
+                         "--checkpoint does not apply to it")
+    if os.path.isfile(name):
         lm = load_checkpoint(name)
         lm.model.to(device)
         return lm

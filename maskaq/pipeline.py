@@ -48,7 +48,7 @@ from .calibration import (
     peek_state,
 )
 from .io import atomic_torch_save, atomic_write_json
-from .models import DataConfig, LoadedModel, ModelError, load_model
+from .models import DataConfig, LoadedModel, ModelError, check_finite_weights, load_model
 from .params import QuantParams, read_params
 from .presets import Preset, PresetError, apply_overrides, get_preset
 from .qmodel import QuantConfig, prepare_model, quantize_model
@@ -71,6 +71,9 @@ __all__ = [
     "load_image",
     "IMAGE_EXTENSIONS",
     "CALIBRATED_FORMAT",
+    "Checkpoints",
+    "read_checkpoints",
+    "check_resumable",
 ]
 
 METHODS = ("maskaq", "mimiq", "psaq", "noise", "real")
@@ -452,14 +455,100 @@ def load_calibrated(state_path: str | os.PathLike, device: str | torch.device = 
 
 # --- the pipeline ---------------------------------------------------------------------------
 
+@dataclass
+class Checkpoints:
+    """What a run folder's ``ckpt/`` holds (what ``resume=True`` would reuse).
+
+    ``rounds``: synthesis rounds finished (their images are kept for the current one);
+    ``batches``: round -> finished batches of a round in progress; ``epochs``: calibration epochs
+    finished (``calib.pt``).
+    """
+
+    rounds: list[int] = field(default_factory=list)
+    batches: dict[int, int] = field(default_factory=dict)
+    epochs: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.rounds or any(self.batches.values()) or self.epochs)
+
+    def describe(self, num_batches: int | None = None, epochs: int | None = None) -> str:
+        """``"synthesis round 0 (done), round 1: 3 of 4 batches; calibration: 8 of 16 epochs"``."""
+        parts = []
+        if self.rounds:
+            rs = ", ".join(str(r) for r in self.rounds)
+            parts.append(f"synthesis round{'s' if len(self.rounds) > 1 else ''} {rs} (done)")
+        for r, n in sorted(self.batches.items()):
+            if n:
+                of = f" of {num_batches}" if num_batches else ""
+                parts.append(f"synthesis round {r}: {n}{of} batch{'es' if (num_batches or n) != 1 else ''}")
+        if self.epochs:
+            of = f" of {epochs}" if epochs else ""
+            parts.append(f"calibration: {self.epochs}{of} epoch{'s' if (epochs or self.epochs) != 1 else ''}")
+        return "; ".join(parts) if parts else "nothing"
+
+
+def read_checkpoints(run_dir: str | os.PathLike) -> Checkpoints:
+    """What ``run_dir/ckpt`` holds, without loading any model (classification and dense runs
+    share the layout: ``synth_rNNN.pt`` / ``.json`` per finished round, ``synth_rNNN/batch_*.pt``
+    for a round in progress, ``calib.pt`` with the calibration epoch)."""
+    ck = Path(run_dir) / "ckpt"
+    out = Checkpoints()
+    if not ck.is_dir():
+        return out
+    rounds = {int(p.stem[7:]) for p in ck.glob("synth_r*.json") if p.stem[7:].isdigit()}
+    rounds |= {int(p.stem[7:]) for p in ck.glob("synth_r*.pt") if p.stem[7:].isdigit()}
+    out.rounds = sorted(rounds)
+    for d in sorted(ck.glob("synth_r*")):
+        if d.is_dir() and d.name[7:].isdigit():
+            n = len(list(d.glob("batch_*.pt")))
+            if n:
+                out.batches[int(d.name[7:])] = n
+    st = peek_state(ck / "calib.pt") if (ck / "calib.pt").is_file() else None
+    out.epochs = int(st["epoch"]) if st else 0
+    return out
+
+
+def check_resumable(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> Checkpoints:
+    """What ``--resume`` would reuse in ``run_dir``, after checking it can: the folder holds
+    checkpoints, made with the same run config (``config``: ``RunConfig.to_json()`` or the dense
+    run's).
+
+    Raises:
+        PipelineError: nothing to resume, or the checkpoints belong to another config.
+    """
+    out = Path(run_dir)
+    ck = out / "ckpt"
+    if not _has_checkpoints(ck):
+        why = "does not exist" if not out.exists() else "holds no checkpoints"
+        raise PipelineError(f"nothing to resume: run directory {str(out)!r} {why}; run the same command "
+                            "without --resume to start")
+    stored = ck / "run_config.json"
+    if stored.is_file():
+        with open(stored) as f:
+            old = json.load(f)
+        new = json.loads(json.dumps(dict(config), default=str))
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise PipelineError(
+                f"cannot resume in {str(out)!r}: its checkpoints were made with a different run config "
+                f"(differs in: {', '.join(diff)}); use the same settings or another output directory")
+    return read_checkpoints(out)
+
+
+def _has_checkpoints(ck: Path) -> bool:
+    """Anything besides run_config.json (written before any work) counts."""
+    return ck.is_dir() and any(p.name != "run_config.json" for p in ck.iterdir())
+
+
 def _check_out_dir(out: Path, ck: Path, resume: bool, run_cfg: RunConfig) -> None:
-    if ck.is_dir() and any(ck.iterdir()) and not resume:
+    if _has_checkpoints(ck) and not resume:
         raise PipelineError(
             f"{str(out)!r} already holds checkpoints of a run ({str(ck)!r}); pass --resume "
             "(resume=True) to continue it, or choose another output directory"
         )
     stored = ck / "run_config.json"
-    if resume and stored.is_file():
+    if resume and stored.is_file() and _has_checkpoints(ck):
         with open(stored) as f:
             old = json.load(f)
         new = run_cfg.to_json()
@@ -510,7 +599,7 @@ def run_pipeline(
     out = Path(out_dir)
     ck = out / "ckpt"
     _check_out_dir(out, ck, resume, run_cfg)
-    resumed = bool(resume and ck.is_dir() and any(p.name != "run_config.json" for p in ck.iterdir()))
+    resumed = bool(resume and _has_checkpoints(ck))
     plan = resolve_plan(run_cfg)
     if run_cfg.method == "real" and real_data is None and not run_cfg.calib_data:
         raise PipelineError("method 'real' needs calibration images: set calib_data (--calib-data DIR) "
@@ -518,7 +607,7 @@ def run_pipeline(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         ck.mkdir(exist_ok=True)
-        if not (ck / "run_config.json").is_file():
+        if not resumed or not (ck / "run_config.json").is_file():
             atomic_write_json(ck / "run_config.json", run_cfg.to_json())
     _barrier()
     seed = run_cfg.seed
@@ -533,6 +622,7 @@ def run_pipeline(
     loaded = load_model(run_cfg.model, checkpoint=run_cfg.checkpoint, pretrained=not run_cfg.random_weights,
                         device=device, **dict(run_cfg.model_args))
     P = loaded.model.to(device).eval()
+    check_finite_weights(P, f"model {run_cfg.model!r}")  # once, before any work (not after 4 redraws)
     for p in P.parameters():
         p.requires_grad_(False)
     dcfg = loaded.data_config

@@ -44,7 +44,6 @@ import hashlib
 import logging
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -163,6 +162,33 @@ class SynthConfig:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers, got {self.betas!r}")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Every number in its valid range (as :class:`~maskaq.calibration.CalibConfig` does), so a
+        bad setting is one line at parse time, not a traceback or a NaN after minutes of work."""
+        def num(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"synth.{name}={v!r} is invalid; valid: a finite number")
+            return float(v)
+
+        def need(name: str, ok: bool, valid: str) -> None:
+            if not ok:
+                raise ValueError(f"synth.{name}={getattr(self, name)!r} is invalid; valid: {valid}")
+
+        for name in ("lr", "adam_eps", "de_eps", "ssim_c1", "ssim_c2", "psaq_bandwidth"):
+            need(name, num(name) > 0, "a number > 0")
+        need("lr_min", num("lr_min") >= 0, "a number >= 0 (the cosine floor)")
+        for name in ("weight_decay", "noise_std", "jitter_mean", "jitter_log_std", "w_iha", "w_ce", "w_tv",
+                     "alpha", "beta", "w_psaq"):
+            need(name, num(name) >= 0, "a number >= 0")
+        for name in ("jitter", "jitter_late"):
+            v = getattr(self, name)
+            need(name, isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (pixels)")
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"synth.betas={','.join(f'{b:g}' for b in self.betas)} is invalid; "
+                             "valid: two numbers in [0, 1), e.g. 0.9,0.999")
 
     @property
     def terms(self) -> tuple[str, ...]:
@@ -697,13 +723,12 @@ def synthesize(
         else:
             todo.append((b, fp, path))
 
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     snap = _quantizer_snapshot(Q)
     models = [P] + ([Q] if Q is not None else [])
-    with _synthesis_mode(models), tqdm(total=cfg.steps * len(todo), unit="step", file=sys.stderr,
-                                       disable=None if progress else True, desc=f"synthesis round {round}",
-                                       dynamic_ncols=True) as bar:
+    with _synthesis_mode(models), progress_bar(cfg.steps * len(todo), f"synthesis round {round}", "step",
+                                               progress and bool(todo)) as bar:
         try:
             for b, fp, path in todo:
                 res = _synth_batch(P, Q, b, sizes[b], cfg, chw, mean, std, num_classes, seed, round,

@@ -181,7 +181,7 @@ def main(
     lg.addHandler(handler)
     lg.setLevel(logging.INFO if verbose else logging.WARNING)
     lg.propagate = False
-    progress = not quiet and sys.stderr.isatty()
+    progress = not quiet  # a bar on a terminal, a line every ~10 s off one
     try:
         rep = evaluate(
             model,

@@ -284,7 +284,7 @@ def imagenet_dataset(root: str | Path | None) -> ClassificationDataset:
     if seen_flat is not None:
         d, n = seen_flat
         raise EvalError(
-            f"{d} holds {n} images but no labels: add val.txt ('ILSVRC2012_val_00000001.JPEG 65' "
+            f"{d} holds {n} image{'' if n == 1 else 's'} but no labels: add val.txt ('ILSVRC2012_val_00000001.JPEG 65' "
             f"lines) or the devkit's {GT_FILE}, or use WNID subfolders (val/n01440764/...)"
         )
     raise EvalError(
@@ -482,7 +482,8 @@ def imagefolder_dataset(
         flat = _list_images(d)
         if flat:
             raise EvalError(
-                f"{d} holds {len(flat)} images but no class subfolders; an ImageFolder needs "
+                f"{d} holds {len(flat)} image{'' if len(flat) == 1 else 's'} but no class subfolders; "
+                "an ImageFolder needs "
                 "root/<class>/<image> (for ImageNet with val.txt use --task imagenet)"
             )
         raise EvalError(

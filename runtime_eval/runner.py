@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
+import os
 import platform
 import sys
 import time
@@ -67,9 +68,49 @@ def _collect_warnings() -> Iterator[_WarningCollector]:
         lg.removeHandler(h)
 
 
+class _LineProgress:
+    """Off a terminal: a line (done/total, elapsed, ETA) at most every ``MASKAQ_PROGRESS_EVERY``
+    seconds (default 10) and one when done, instead of a bar nobody sees (same line format as
+    ``maskaq-export``'s; this package does not import maskaq)."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        try:
+            self.every = max(0.0, float(os.environ.get("MASKAQ_PROGRESS_EVERY", 10)))
+        except ValueError:
+            self.every = 10.0
+        self.total, self.desc, self.n = total, desc, 0
+        self.t0 = self.last = time.monotonic()
+
+    @staticmethod
+    def _clock(s: float) -> str:
+        m, sec = divmod(int(round(max(s, 0.0))), 60)
+        h, m = divmod(m, 60)
+        return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+    def _emit(self, text: str) -> None:
+        print(f"maskaq-eval: {self.desc}: {text}", file=sys.stderr, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every and self.n < self.total:
+            self.last = now
+            el = now - self.t0
+            eta = self._clock(el / self.n * (self.total - self.n)) if self.n else "?"
+            self._emit(f"{self.n}/{self.total} images ({100 * self.n / self.total:.0f}%), "
+                       f"{self._clock(el)} elapsed, ETA {eta}")
+
+    def close(self) -> None:
+        if self.total and self.n >= self.total:
+            self._emit(f"{self.n}/{self.total} images, done in {self._clock(time.monotonic() - self.t0)}")
+            self.total = 0  # once
+
+
 def _progress_bar(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
+    if enabled and not sys.stderr.isatty():
+        return _LineProgress(total, desc)
     return tqdm(
         total=total,
         disable=not enabled,

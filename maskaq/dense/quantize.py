@@ -393,11 +393,13 @@ class DenseRunResult:
 
 
 def _check_out_dir(out: Path, ck: Path, resume: bool, cfg: DenseRunConfig) -> None:
-    if ck.is_dir() and any(ck.iterdir()) and not resume:
+    from maskaq.pipeline import _has_checkpoints
+
+    if _has_checkpoints(ck) and not resume:
         raise DenseError(f"{str(out)!r} already holds checkpoints of a run ({str(ck)!r}); pass --resume "
                          "(resume=True) to continue it, or choose another run directory")
     stored = ck / "run_config.json"
-    if resume and stored.is_file():
+    if resume and stored.is_file() and _has_checkpoints(ck):
         with open(stored) as f:
             old = json.load(f)
         new = cfg.to_json()
@@ -425,10 +427,13 @@ def run_dense_pipeline(cfg: DenseRunConfig, out_dir: str | os.PathLike, *, resum
     out = Path(out_dir)
     ck = out / "ckpt"
     _check_out_dir(out, ck, resume, cfg)
+    from maskaq.pipeline import _has_checkpoints
+
+    resumed = resume and _has_checkpoints(ck)
     plan = cfg.plan()
     out.mkdir(parents=True, exist_ok=True)
     ck.mkdir(exist_ok=True)
-    if not (ck / "run_config.json").is_file():
+    if not resumed or not (ck / "run_config.json").is_file():
         atomic_write_json(ck / "run_config.json", cfg.to_json())
     seed = cfg.seed
     seeds = {k: derive_seed(seed, k) for k in ("model", "synth", "calib", "noise")}
@@ -439,6 +444,9 @@ def run_dense_pipeline(cfg: DenseRunConfig, out_dir: str | os.PathLike, *, resum
     t0 = time.perf_counter()
     P, _ = build_dense_model(cfg.model, cfg.checkpoint, random_weights=cfg.random_weights, seed=seeds["model"] & 0xFFFFFFFF)
     P = P.to(device).eval()
+    from maskaq.models import check_finite_weights
+
+    check_finite_weights(P, f"model {cfg.model!r}")  # once, before any work
     for p in P.parameters():
         p.requires_grad_(False)
     qcfg = cfg.quant_config()
