@@ -120,7 +120,8 @@ def apply_data_overrides(data_config: Any, overrides: Mapping[str, Any] | None) 
             if len(vals) == 1:
                 vals = vals * c
             if len(vals) != c:
-                raise _error(f"--{key} has {len(vals)} values but the model takes {c} channel(s); give 1 or {c}")
+                raise _error(f"--{key} has {len(vals)} values but the model takes {c} channel(s); "
+                             + ("give 1 value" if c == 1 else f"give 1 or {c} values"))
             if key == "std" and any(v <= 0 for v in vals):
                 raise _error(f"--std values must be positive, got {vals}")
             kw[key] = tuple(vals)
@@ -402,12 +403,12 @@ def load_hub_folder(path: str | os.PathLike, model_args: Mapping[str, Any] | Non
     args.update(dict(model_args or {}))
     pcfg = dict(cfg.get("pretrained_cfg") or {})
     msg = ""
-    if family_of(sd) is not None and not cfg.get("model_args"):
-        # an older export without model_args: the tensors say the rest
+    if not cfg.get("model_args") and family_of(sd) is not None:
+        # an older export without model_args: its input size, and the tensors say the rest
+        isz = pcfg.get("input_size")
+        if "img_size" not in args and isinstance(isz, (list, tuple)) and len(isz) == 3:
+            args["img_size"] = int(isz[1]) if isz[1] == isz[2] else [int(isz[1]), int(isz[2])]
         args, msg = infer_model_args(arch, sd, args, what=str(wpath))
-    elif "img_size" not in args and pcfg.get("input_size") and family_of(sd) in ("vit", "deit_distilled"):
-        args["img_size"] = list(pcfg["input_size"][1:]) if pcfg["input_size"][1] != pcfg["input_size"][2] \
-            else int(pcfg["input_size"][1])
     try:
         model = timm.create_model(arch.split(".", 1)[0], pretrained=False, **args)
     except Exception as e:  # noqa: BLE001
