@@ -208,3 +208,68 @@ def _setup_logging(quiet: bool, verbose: bool = False) -> None:
         lg.handlers[:] = [h]
         lg.setLevel(logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING)
         lg.propagate = False
+    # the one line saying what was read from a bare checkpoint (issue 13)
+    logging.getLogger("maskaq.byo").setLevel(logging.ERROR if quiet else logging.INFO)
+
+
+def _is_number(tok: str) -> bool:
+    try:
+        float(tok)
+        return True
+    except ValueError:
+        return False
+
+
+#: options taking several values the way timm's scripts do (``--mean 0.5 0.5 0.5``,
+#: ``--model-kwargs a=1 b=2``): which following tokens each one consumes
+VARIADIC = {
+    "--model-kwargs": lambda t: "=" in t and not t.startswith("-"),
+    "--mean": _is_number,
+    "--std": _is_number,
+    "--keep-8bit": lambda t: _pattern_token(t),
+}
+
+
+def _pattern_token(t: str) -> bool:
+    """A ``--keep-8bit`` value, not the MODEL argument that may follow it."""
+    if t.startswith("-") or os.path.exists(t):
+        return False
+    from maskaq.models import ALIASES, LOCAL_ALIASES
+
+    if t in ALIASES or t in LOCAL_ALIASES:
+        return False
+    import timm
+
+    return not timm.is_model(t.split(".", 1)[0])
+
+
+def expand_variadic(argv: list[str], spec: dict[str, Any] = VARIADIC) -> list[str]:
+    """``--opt a b c`` -> ``--opt a --opt b --opt c`` for the options in ``spec`` (click options
+    take one value each; ``multiple=True`` collects them). Comma-separated values also split."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            out.extend(argv[i:])
+            break
+        name, eq, val = tok.partition("=")
+        if name in spec and (eq or i + 1 < len(argv)):
+            vals = [val] if eq else []
+            j = i + 1
+            if not eq:
+                if j < len(argv):
+                    vals.append(argv[j])  # the first value is always taken
+                    j += 1
+                while j < len(argv) and spec[name](argv[j]):
+                    vals.append(argv[j])
+                    j += 1
+            for v in vals:
+                parts = [p for p in v.split(",")] if name in ("--keep-8bit", "--mean", "--std") else [v]
+                for p in parts:
+                    out += [name, p]
+            i = j
+            continue
+        out.append(tok)
+        i += 1
+    return out

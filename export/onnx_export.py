@@ -542,6 +542,12 @@ def _metadata(
         quant = {"profile": "fp32", "method": quant["method"]}
     if qcfg.get("keep_first_last_8bit"):
         quant["keep_first_last_8bit"] = True
+    if qcfg.get("keep_8bit") and records:
+        quant["keep_8bit"] = list(qcfg["keep_8bit"])
+    if int4_block is None:  # mixed widths: every quantizer whose width differs from its kind's
+        mixed = {n: int(r.bits) for n, r in records.items() if r.bits != (w_bits if r.kind == "weight" else a_bits)}
+        if mixed:
+            quant["mixed_bits"] = mixed
     if int4_block is not None:
         quant["block_size"] = int4_block
     if conversions:
@@ -617,6 +623,7 @@ def export_onnx(
     source: dict[str, Any] | None = None,
     weight_only_int4_block: int | None = None,
     check: bool = True,
+    write_encodings: bool = True,
 ) -> ExportResult:
     """Export a calibrated fake-quantized model Q to a QDQ ONNX file (docs/onnx-contract.md).
 
@@ -635,6 +642,7 @@ def export_onnx(
         weight_only_int4_block: write the weight-only INT4 artifact instead (block size B along
             the reduction axis, float activations).
         check: run ``onnx.checker.check_model(full_check=True)`` before writing.
+        write_encodings: write the encodings sidecar (off for a float graph, which has none).
 
     Returns:
         :class:`ExportResult`.
@@ -707,17 +715,20 @@ def export_onnx(
         if check:
             onnx.checker.check_model(model, full_check=True)
         t4 = time.perf_counter()
-        atomic_write_bytes(enc_path, (json.dumps(enc, indent=1) + "\n").encode())
+        if write_encodings:
+            atomic_write_bytes(enc_path, (json.dumps(enc, indent=1) + "\n").encode())
         try:
             atomic_write_bytes(path, data)
         except BaseException:
-            enc_path.unlink(missing_ok=True)
+            if write_encodings:
+                enc_path.unlink(missing_ok=True)
             raise
         size = len(data)
     else:  # > 2 GB: protobuf's limit; weights go to <path>.data beside the file
         external = Path(str(path) + ".data")
         t4 = time.perf_counter()
-        atomic_write_bytes(enc_path, (json.dumps(enc, indent=1) + "\n").encode())
+        if write_encodings:
+            atomic_write_bytes(enc_path, (json.dumps(enc, indent=1) + "\n").encode())
 
         def writer(tmp: str) -> None:
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,

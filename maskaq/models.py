@@ -356,9 +356,25 @@ def load_model(
         lm.model.to(device)
         return lm
     if os.path.isfile(name) and checkpoint is not None:
-        raise ModelError(f"MODEL {name!r} is a maskaq checkpoint file (it carries its weights); "
+        raise ModelError(f"MODEL {name!r} is a weights file (it carries its own weights); "
                          "--checkpoint does not apply to it")
+    if os.path.isdir(name) and checkpoint is None:  # timm hub-style folder (issue 13)
+        from .byo import load_hub_folder
+
+        model, dcfg, arch_h, args_h, labels_h, source_h, msg = load_hub_folder(name, model_args)
+        if msg:
+            logging.getLogger("maskaq.byo").info("%s", msg)
+        return LoadedModel(_prepare(model).to(device), dcfg, arch_h, source_h, labels_h, args_h)
     if os.path.isfile(name):
+        obj = _read_state_dict(Path(name))
+        if obj.get("format") != CHECKPOINT_FORMAT:  # a bare timm state dict: build it from its tensors
+            from .byo import FAMILY_DEFAULT_ARCH, family_of
+
+            fam = family_of(_unwrap_state_dict(obj, Path(name)))
+            if fam is None:
+                raise ModelError(f"{name!r} is neither a maskaq checkpoint nor a timm ViT/DeiT/Swin state dict; "
+                                 "pass the timm model name with --checkpoint PATH")
+            return load_model(FAMILY_DEFAULT_ARCH[fam], checkpoint=name, device=device, **model_args)
         lm = load_checkpoint(name)
         lm.model.to(device)
         return lm
@@ -373,12 +389,33 @@ def load_model(
                 raise ModelError(f"checkpoint {str(path)!r} holds {lm.name!r}, not {arch!r}")
             lm.model.to(device)
             return lm
-        model = timm.create_model(full, pretrained=False, **model_args)
-        _strict_load(model, _unwrap_state_dict(obj, path), f"checkpoint {str(path)!r}")
+        sd = _unwrap_state_dict(obj, path)
+        from .byo import FAMILY_DEFAULT_ARCH, family_of, infer_model_args
+
+        fam = family_of(sd)
+        if fam is not None:
+            model_args, msg = infer_model_args(full, sd, model_args, what=str(path))
+            if fam == "deit_distilled" and "distilled" not in arch:
+                full = arch = FAMILY_DEFAULT_ARCH[fam]  # dist_token + head_dist: timm's distilled class
+                msg += f"; built as {arch}"
+            elif fam == "swin" and not arch.startswith("swin"):
+                raise ModelError(f"checkpoint {str(path)!r} holds a Swin state dict but {arch!r} is not a Swin model; "
+                                 f"use e.g. {FAMILY_DEFAULT_ARCH['swin']}")
+            elif fam == "vit" and arch.startswith("swin"):
+                raise ModelError(f"checkpoint {str(path)!r} holds a ViT state dict but {arch!r} is a Swin model; "
+                                 f"use e.g. {FAMILY_DEFAULT_ARCH['vit']}")
+            logging.getLogger("maskaq.byo").info("%s", msg)
+        try:
+            model = timm.create_model(full, pretrained=False, **model_args)
+        except Exception as e:  # noqa: BLE001 - timm raises TypeError/ValueError/AssertionError
+            raise ModelError(f"cannot build {full!r} with {model_args}: {type(e).__name__}: {e}") from None
+        _strict_load(model, sd, f"checkpoint {str(path)!r}")
         source = {"model": full, "checkpoint": str(path), "weights": "checkpoint"}
     elif pretrained:
         try:
             model = timm.create_model(full, pretrained=True, **model_args)
+        except TypeError as e:
+            raise ModelError(f"cannot build {full!r} with {model_args}: {e}") from None
         except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
             raise ModelError(
                 f"cannot fetch pretrained weights for {full!r} ({type(e).__name__}); offline? "
@@ -387,7 +424,10 @@ def load_model(
             ) from None
         source = {"model": full, "checkpoint": None, "weights": "timm-hub"}
     else:
-        model = timm.create_model(full, pretrained=False, **model_args)
+        try:
+            model = timm.create_model(full, pretrained=False, **model_args)
+        except Exception as e:  # noqa: BLE001 - timm raises TypeError/ValueError/AssertionError
+            raise ModelError(f"cannot build {full!r} with {model_args}: {type(e).__name__}: {e}") from None
         source = {"model": full, "checkpoint": None, "weights": "random"}
     model = _prepare(model).to(device)
     return LoadedModel(model, DataConfig.from_model(model), full, source, None, dict(model_args))

@@ -105,7 +105,10 @@ class RunConfig:
         ablations: MaskAQ only: ``no_de``, ``no_maa``, ``no_calib_mask``, ``no_refresh``.
         calib_data: folder of images for ``method="real"``.
         random_weights: build the model with random weights (speed tests; seeded).
-        model_args: extra timm constructor arguments.
+        model_args: extra timm constructor arguments (``--model-kwargs``, ``--img-size``...).
+        keep_8bit: quantizer/layer names or fnmatch patterns kept at 8 bit (``--keep-8bit``).
+        preprocessing: overrides of the model's own ``mean``/``std``/``crop_pct``/``interpolation``.
+        labels: class names in output order (``--labels FILE``), replacing the model's own.
     """
 
     model: str
@@ -123,8 +126,16 @@ class RunConfig:
     calib_data: str | None = None
     random_weights: bool = False
     model_args: Mapping[str, Any] = field(default_factory=dict)
+    keep_8bit: tuple[str, ...] = ()
+    preprocessing: Mapping[str, Any] = field(default_factory=dict)
+    labels: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit or ()))
+        object.__setattr__(self, "preprocessing", {k: v for k, v in dict(self.preprocessing or {}).items()
+                                                   if v is not None})
+        if self.labels is not None:
+            object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
         if self.method not in METHODS:
             raise PipelineError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
         object.__setattr__(self, "ablations", tuple(self.ablations))
@@ -146,13 +157,16 @@ class RunConfig:
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(self.w_bits, self.a_bits, self.symmetric_activations, self.narrow_weights,
-                           self.keep_first_last_8bit)
+                           self.keep_first_last_8bit, tuple(self.keep_8bit))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["ablations"] = list(self.ablations)
         d["overrides"] = {k: v for k, v in self.overrides.items()}
         d["model_args"] = json.loads(json.dumps(dict(self.model_args), default=list))
+        d["keep_8bit"] = list(self.keep_8bit)
+        d["preprocessing"] = json.loads(json.dumps(dict(self.preprocessing), default=list))
+        d["labels"] = None if self.labels is None else list(self.labels)
         return json.loads(json.dumps(d, default=str))
 
     @classmethod
@@ -163,6 +177,7 @@ class RunConfig:
             raise PipelineError(f"unknown run settings {unknown}; valid: {', '.join(sorted(names))}")
         d = dict(d)
         d["ablations"] = tuple(d.get("ablations") or ())
+        d["keep_8bit"] = tuple(d.get("keep_8bit") or ())
         return cls(**d)
 
 
@@ -621,6 +636,16 @@ def run_pipeline(
         torch.manual_seed(seeds["model"])  # timm initialises from the global RNG
     loaded = load_model(run_cfg.model, checkpoint=run_cfg.checkpoint, pretrained=not run_cfg.random_weights,
                         device=device, **dict(run_cfg.model_args))
+    if run_cfg.preprocessing or run_cfg.labels is not None:
+        from .byo import apply_data_overrides
+
+        loaded.data_config = apply_data_overrides(loaded.data_config, run_cfg.preprocessing)
+        if run_cfg.labels is not None:
+            n_out = int(getattr(loaded.model, "num_classes", len(run_cfg.labels)) or 0)
+            if n_out and len(run_cfg.labels) != n_out:
+                raise ModelError(f"--labels has {len(run_cfg.labels)} class names but the model has {n_out} outputs")
+            loaded.labels = list(run_cfg.labels)
+        loaded.source["preprocessing_overrides"] = dict(run_cfg.preprocessing)
     P = loaded.model.to(device).eval()
     check_finite_weights(P, f"model {run_cfg.model!r}")  # once, before any work (not after 4 redraws)
     for p in P.parameters():

@@ -145,12 +145,26 @@ def _check_channels(task: str, pre: Preprocessing, info: ModelInfo) -> None:
 
 
 def _build_classification(
-    task: str, data: Any, split: str | None, info: ModelInfo
+    task: str,
+    data: Any,
+    split: str | None,
+    info: ModelInfo,
+    class_order: str | None = None,
+    class_map: str | Path | None = None,
 ) -> ClassificationDataset:
+    if (class_order is not None or class_map is not None) and task != "imagefolder":
+        flag = "--class-order" if class_order is not None else "--class-map"
+        raise EvalError(f"{flag} applies to --task imagefolder only, not {task!r}")
     if task == "imagenet":
         ds = imagenet_dataset(data)
     elif task == "imagefolder":
-        ds = imagefolder_dataset(data, labels=info.labels, num_classes=info.num_classes)
+        ds = imagefolder_dataset(
+            data,
+            labels=info.labels,
+            num_classes=info.num_classes,
+            class_order=class_order,
+            class_map=class_map,
+        )
     else:
         ds = fashion_mnist_dataset(data, split=split or "test")
     n_out = info.num_classes
@@ -252,6 +266,8 @@ def evaluate(
     progress: bool = False,
     output: str | Path | None = None,
     seg_mode: str | None = None,
+    class_order: str | None = None,
+    class_map: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate an exported ONNX model in ONNX Runtime and return the report.
 
@@ -277,6 +293,10 @@ def evaluate(
         output: write the JSON report there (atomically).
         seg_mode: maskaq dense ADE20K graphs: ``whole`` or ``slide`` inference (default: the
             export's ``test_cfg.mode``).
+        class_order: imagefolder: ``"sorted"`` = class index is the sorted folder order
+            (timm's default), whatever the model's labels.
+        class_map: imagefolder: a file mapping folder names to output indices (timm's
+            one-name-a-line layout, or JSON ``{folder: index or label}``).
 
     Dense exports (``maskaq.dense`` metadata, docs/dense.md) run through their registered
     predictors: for COCO give the export directory or its ``backbone_neck.onnx`` (the other
@@ -364,7 +384,7 @@ def evaluate(
 
         # ---- data
         if task in CLASSIFICATION_TASKS:
-            ds: Any = _build_classification(task, data, split, info)
+            ds: Any = _build_classification(task, data, split, info, class_order, class_map)
         elif task == "ade20k":
             from .ade20k import NUM_CLASSES, ade20k_dataset
 
