@@ -386,7 +386,7 @@ register(Recipe(
               "synth.tv_form": "psaq", "synth.w_tv": 0.05, "synth.w_ce": 1.0, "synth.w_psaq": 1.0,
               "calib.refresh_every": 0},
     budget={"paper": {"num_images": 32, "synth.batch_size": 32, "synth.steps": 1000},
-            "cpu": {"num_images": 32, "synth.batch_size": 32, "synth.steps": 1000}},
+            "cpu": {"num_images": 32, "synth.batch_size": 32, "synth.steps": 200}},
     ptq="minmax",
     summary="PSAQ-ViT's own recipe: Adam 0.2, 2 x 500 iterations, roll 15/30 + flip, 0.05|TV-v|; min/max PTQ on 32 images"))
 register(Recipe(
@@ -399,7 +399,7 @@ register(Recipe(
     settings={"synth.objective": "spdfq", **_MASKAQ_ONLY_OFF, **_PSAQ_OPT, "synth.restarts": 1,
               "synth.tv_form": "l2", "synth.w_tv": 0.05, "synth.w_ce": 1.0, "calib.refresh_every": 0},
     budget={"paper": {"num_images": 32, "synth.batch_size": 32, "synth.steps": 1000},
-            "cpu": {"num_images": 32, "synth.batch_size": 32, "synth.steps": 1000}},
+            "cpu": {"num_images": 32, "synth.batch_size": 32, "synth.steps": 200}},
     model_settings=_spdfq_model_settings,
     summary="SPDFQ: attention-prior alignment + multi-semantic crops with soft labels + TV; KD + L_HD"))
 register(Recipe("noise", "Gaussian noise", data="noise", settings={"calib.refresh_every": 0},
