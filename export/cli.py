@@ -21,7 +21,9 @@ import click
 from .cli_common import (PRESETS, _check_device, _Command, _fail, _interrupted, _kept_or_removed, _plan_totals, _resume_line,
                          _setup_logging, _sha256, _warn, expand_variadic)
 
-METHODS = ("maskaq", "mimiq", "psaq", "noise", "real")
+from maskaq.recipes import RECIPES, method_names  # noqa: E402
+
+METHODS = method_names()
 BLOCK_SIZES = (32, 64, 128)
 
 EPILOG = """\b
@@ -153,7 +155,7 @@ def _given(ctx: click.Context, name: str) -> bool:
               help="Weight bit width, 2-8 (also the activation width unless --a-bits).")
 @click.option("--a-bits", "a_bits", type=int, default=None, metavar="A", help="Activation bit width, 2-8.")
 @click.option("--method", type=click.Choice(METHODS), default="maskaq", show_default=True,
-              help="Calibration data: MaskAQ synthesis, MimiQ, PSAQ-ViT, Gaussian noise or real images.")
+              help="Method (maskaq.recipes): " + "; ".join(f"{n}: {r.title}" for n, r in RECIPES.items()) + ".")
 @click.option("--preset", type=click.Choice(PRESETS), default="cpu", show_default=True,
               help="Budget: cpu (minutes on a laptop), paper (the paper's), tiny (tests).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

@@ -32,6 +32,10 @@ import click
 from .cli_common import PRESETS, _check_device, _Command, _fail, _interrupted, _kept_or_removed, _plan_totals, _resume_line, \
     _setup_logging, _sha256
 
+from maskaq.recipes import RECIPES, method_names  # noqa: E402
+
+DENSE_METHODS = method_names(dense=True)
+
 DENSE_EPILOG = """\b
 Examples:
   # UperNet Swin-T (mmseg checkpoint), backbone at 4 bit, MaskAQ synthesis at 512x512:
@@ -77,8 +81,8 @@ def is_dense_model(name: str | None) -> bool:
 @click.option("--bits", "w_bits", type=int, required=True, metavar="W",
               help="Weight bit width, 2-8 (also the activation width unless --a-bits).")
 @click.option("--a-bits", "a_bits", type=int, default=None, metavar="A", help="Activation bit width, 2-8.")
-@click.option("--method", type=click.Choice(("maskaq", "mimiq", "psaq", "noise")), default="maskaq", show_default=True,
-              help="Calibration data: MaskAQ synthesis, MimiQ, PSAQ-ViT or Gaussian noise.")
+@click.option("--method", type=click.Choice(DENSE_METHODS), default="maskaq", show_default=True,
+              help="Method (maskaq.recipes): " + "; ".join(f"{n}: {RECIPES[n].title}" for n in DENSE_METHODS) + ".")
 @click.option("--quantize", "scope", type=click.Choice(("backbone", "all")), default="backbone", show_default=True,
               help="backbone: the Swin backbone; all: the neck and heads too.")
 @click.option("--input-size", default=None, metavar="HxW",

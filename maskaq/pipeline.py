@@ -1,19 +1,10 @@
 """The pipeline: load -> quantize -> synthesise -> calibrate (with refresh) -> save.
 
-Stages never call each other; this module sequences them (design.md). The methods of
-method.md §4 share the quantizer and the calibration and differ only in their data and in a few
-switches:
-
-========  =====================================================  ================================
-method    calibration data                                       calibration
-========  =====================================================  ================================
-maskaq    synthesis, full objective (Eq. 15) with the current Q;  KD + masked L_HD
-          the whole set regenerated every R epochs (refresh)
-mimiq     synthesis with P only (IHA + CE + TV), once             KD + unmasked L_HD
-psaq      PSAQ-ViT synthesis with P only, once                    plain min/max PTQ (no training)
-noise     N(0, 1) images                                          KD + masked L_HD (as maskaq)
-real      real images (a folder, or a tensor from the caller)     KD + masked L_HD (as maskaq)
-========  =====================================================  ================================
+Stages never call each other; this module sequences them (design.md). The methods share the
+quantizer and the calibration; each is one declarative recipe in :mod:`maskaq.recipes` (its
+data, synthesis objective and settings, image budget, calibration stage, ablations), which
+:func:`resolve_plan` applies between the budget preset and the user's overrides. ``METHODS``
+lists the registered ones (maskaq, mimiq, psaq, psaq_maskaq_settings, spdfq, noise, real).
 
 MaskAQ ablations (paper Table 2): ``no_de``, ``no_maa``, ``no_calib_mask``, ``no_refresh``.
 
@@ -52,6 +43,7 @@ from .models import DataConfig, LoadedModel, ModelError, check_finite_weights, l
 from .params import QuantParams, read_params
 from .presets import Preset, PresetError, apply_overrides, get_preset
 from .qmodel import QuantConfig, prepare_model, quantize_model
+from .recipes import RECIPES, get_recipe, method_names
 from .synthesis import SynthConfig, SynthResult, synthesize
 
 log = logging.getLogger(__name__)
@@ -76,8 +68,8 @@ __all__ = [
     "check_resumable",
 ]
 
-METHODS = ("maskaq", "mimiq", "psaq", "noise", "real")
-ABLATIONS = ("no_de", "no_maa", "no_calib_mask", "no_refresh")
+METHODS = method_names()
+ABLATIONS = tuple(a for r in RECIPES.values() for a in r.ablations)
 CALIBRATED_FORMAT = "maskaq-calibrated/1"
 RUN_SCHEMA = "maskaq-run/1"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -96,7 +88,8 @@ class RunConfig:
     Args:
         model: alias (``fmnist_vit``, ``deit_t``...), timm name, or a maskaq checkpoint file.
         checkpoint: local weights for ``model`` (``.pth``/``.safetensors``).
-        method: ``maskaq`` | ``mimiq`` | ``psaq`` | ``noise`` | ``real``.
+        method: a registered method (:data:`METHODS`, :mod:`maskaq.recipes`): ``maskaq``,
+            ``mimiq``, ``psaq``, ``psaq_maskaq_settings``, ``spdfq``, ``noise``, ``real``.
         w_bits, a_bits: 2..8. symmetric_activations, narrow_weights, keep_first_last_8bit: see
             :class:`maskaq.qmodel.QuantConfig`.
         preset: ``cpu`` (default), ``paper``, ``tiny``; overrides: dotted keys
@@ -136,16 +129,19 @@ class RunConfig:
                                                    if v is not None})
         if self.labels is not None:
             object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
-        if self.method not in METHODS:
-            raise PipelineError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        if self.method not in RECIPES:  # the live registry (a method registered later counts)
+            raise PipelineError(f"unknown method {self.method!r}; valid: {', '.join(method_names())}")
         object.__setattr__(self, "ablations", tuple(self.ablations))
         object.__setattr__(self, "overrides", dict(self.overrides))
         object.__setattr__(self, "model_args", dict(self.model_args))
         bad = [a for a in self.ablations if a not in ABLATIONS]
         if bad:
             raise PipelineError(f"unknown ablation(s) {bad}; valid: {', '.join(ABLATIONS)}")
-        if self.ablations and self.method != "maskaq":
-            raise PipelineError(f"ablations {list(self.ablations)} apply to method 'maskaq' only, not {self.method!r}")
+        own = get_recipe(self.method).ablations
+        if any(a not in own for a in self.ablations):
+            owners = sorted({r.name for r in RECIPES.values() for a in self.ablations if a in r.ablations})
+            raise PipelineError(f"ablations {list(self.ablations)} apply to method {' / '.join(repr(o) for o in owners)}"
+                                f" only, not {self.method!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise PipelineError(f"seed {self.seed!r} is not an integer")
         if self.checkpoint is not None:
@@ -203,41 +199,25 @@ class Plan:
                 "synth_uses_q": self.synth_uses_q, "refresh": self.refresh, "ptq": self.ptq}
 
 
-def _method_overrides(method: str, ablations: Sequence[str]) -> dict[str, Any]:
-    if method == "maskaq":
-        o: dict[str, Any] = {"synth.objective": "maskaq", "synth.use_de": "no_de" not in ablations,
-                             "synth.use_maa": "no_maa" not in ablations, "synth.use_mask": True}
-        if "no_calib_mask" in ablations:
-            o["calib.head_mask"] = "none"
-        if "no_refresh" in ablations:
-            o["calib.refresh_every"] = 0
-        return o
-    if method == "mimiq":  # P only, once; unmasked L_HD
-        return {"synth.objective": "mimiq", "synth.use_de": False, "synth.use_maa": False,
-                "synth.use_mask": False, "calib.head_mask": "none", "calib.refresh_every": 0}
-    if method == "psaq":
-        return {"synth.objective": "psaq", "synth.use_de": False, "synth.use_maa": False,
-                "synth.use_mask": False, "calib.refresh_every": 0}
-    return {"calib.refresh_every": 0}  # noise, real: fixed data
-
-
 def resolve_plan(run_cfg: RunConfig) -> Plan:
-    """Preset -> the method's settings -> the user's overrides (last word).
+    """Preset -> the method's recipe (settings, budget, per-model settings, ablations;
+    :mod:`maskaq.recipes`) -> the user's overrides (last word).
 
     Raises:
         PipelineError: unknown preset or override key, or a value that does not fit.
     """
+    recipe = get_recipe(run_cfg.method)
     try:
         preset = get_preset(run_cfg.preset)
-        preset = apply_overrides(preset, _method_overrides(run_cfg.method, run_cfg.ablations))
+        for o in recipe.overrides_for(preset.name, run_cfg.model, run_cfg.ablations):
+            preset = apply_overrides(preset, o)
         preset = apply_overrides(preset, run_cfg.overrides)
     except PresetError as e:
         raise PipelineError(str(e)) from None
-    m = run_cfg.method
-    synth = preset.synth if m in ("maskaq", "mimiq", "psaq") else None
-    uses_q = bool(synth is not None and synth.objective == "maskaq" and synth.use_maa)
+    synth = preset.synth if recipe.data == "synth" else None
+    uses_q = bool(synth is not None and synth.uses_q)
     refresh = synth is not None and preset.calib.refresh_every > 0
-    return Plan(m, preset, synth, preset.calib, uses_q, refresh, "minmax" if m == "psaq" else "kd")
+    return Plan(run_cfg.method, preset, synth, preset.calib, uses_q, refresh, recipe.ptq)
 
 
 # --- real images ----------------------------------------------------------------------------
@@ -706,7 +686,7 @@ def run_pipeline(
     data: Any
     if plan.synth is not None:
         data = synth_round(cur_round)
-    elif run_cfg.method == "noise":
+    elif get_recipe(run_cfg.method).data == "noise":
         g = torch.Generator().manual_seed(seeds["noise"])
         data = torch.randn((plan.num_images, *dcfg.input_size), generator=g)
         last.update(images=data)
@@ -796,8 +776,7 @@ def run_pipeline(
         params.save(out / "params.json")
         imgs = last["images"]
         if imgs is not None:
-            what = {"maskaq": "MaskAQ", "mimiq": "MimiQ", "psaq": "PSAQ-ViT", "noise": "Gaussian noise",
-                    "real": "real"}[run_cfg.method]
+            what = get_recipe(run_cfg.method).title
             rnd = f", round {last['round']}" if plan.synth is not None else ""
             save_sample_grid(imgs, samples_png, mean=dcfg.mean, std=dcfg.std, masks=last["masks"],
                              title=f"{what} calibration samples{rnd}"

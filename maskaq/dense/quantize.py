@@ -46,6 +46,7 @@ from maskaq.models import DataConfig
 from maskaq.params import read_params
 from maskaq.qmodel import QuantConfig, QuantLinear
 from maskaq.quant import ActQuantizer, WeightQuantizer
+from maskaq.recipes import method_names
 from maskaq.synthesis import SynthResult, synthesize
 
 from .models import (CascadeDetConfig, CascadeMaskRCNN, DetConfig, MaskRCNN, SegConfig, UperNet, quantize_backbone,
@@ -63,7 +64,7 @@ __all__ = [
 DENSE_CALIBRATED_FORMAT = "maskaq-dense-calibrated/1"
 RUN_SCHEMA = "maskaq-dense-run/1"
 #: methods of the classification pipeline that need no real images
-DENSE_METHODS = ("maskaq", "mimiq", "psaq", "noise")
+DENSE_METHODS = method_names(dense=True)  # maskaq.recipes: every method with dense=True
 SCOPES = ("backbone", "all")
 #: the last (prediction) layers of the heads: 8 bit with ``keep_first_last_8bit``
 _PREDICTORS = ("conv_seg", "fc_cls", "fc_reg", "conv_logits", "rpn_cls", "rpn_reg")
@@ -299,7 +300,7 @@ class DenseRunConfig:
 
     Args:
         model: a :data:`DENSE_MODELS` alias. checkpoint: the mmdet/mmseg weights.
-        method: ``maskaq`` | ``mimiq`` | ``psaq`` | ``noise``.
+        method: one of :data:`DENSE_METHODS` (the recipes of :mod:`maskaq.recipes` offered for dense models).
         w_bits, a_bits, keep_first_last_8bit: :class:`maskaq.qmodel.QuantConfig`.
         scope: ``backbone`` | ``all`` (neck and heads too).
         input_size: ``(H, W)`` of the synthetic / noise calibration images (None: the model's
