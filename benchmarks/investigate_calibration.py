@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.fmnist import load_split, normalize  # noqa: E402
+from benchmarks.fmnist import load_split, model_input  # noqa: E402
 
 DEFAULT_OUT = ROOT / "runs" / "investigate_calibration"
 ARM_METHOD = {"minmax": "psaq", "psaq": "psaq", "noise": "noise", "real": "real", "maskaq": "maskaq",
@@ -56,17 +56,8 @@ def val_images(model_name: str, dcfg: Any, limit: int) -> tuple[torch.Tensor, to
 
 
 def prepare(x_uint8: torch.Tensor, dcfg: Any) -> torch.Tensor:
-    """uint8 [N, 28, 28] -> the model's normalised input (resize bilinear, replicate channels)."""
-    import torch.nn.functional as F
-
-    c, h, w = dcfg.input_size
-    x = x_uint8.float().div(255.0).unsqueeze(1)
-    if (h, w) != tuple(x.shape[-2:]):
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    x = x.expand(-1, c, -1, -1)
-    m = torch.tensor(list(dcfg.mean)).view(1, -1, 1, 1)
-    s = torch.tensor(list(dcfg.std)).view(1, -1, 1, 1)
-    return ((x - m) / s).contiguous()
+    """uint8 [N, 28, 28] -> the model's input exactly as ``maskaq-eval`` feeds it."""
+    return model_input(x_uint8, dcfg)
 
 
 @torch.no_grad()
