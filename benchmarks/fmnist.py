@@ -38,6 +38,7 @@ __all__ = [
     "load_raw",
     "load_split",
     "normalize",
+    "model_input",
 ]
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -158,6 +159,33 @@ def load_split(split: str, root: str | os.PathLike | None = None) -> tuple[torch
     if split == "val":
         return x[cut:], y[cut:]
     return x, y
+
+
+def model_input(images: torch.Tensor, data_config) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, C, H, W) exactly as the eval harness feeds the model.
+
+    ``data_config`` is the model's :class:`maskaq.models.DataConfig` (or anything with
+    ``input_size``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``, ``interpolation``). A 1x28x28
+    model gets :func:`normalize` (no resampling, as ``maskaq-eval`` does for native-size
+    images); any other size or channel count goes through ``runtime_eval``'s own PIL transform
+    (grey -> RGB replicated, resize by ``crop_pct``, centre crop, normalise), so numbers
+    measured here agree with ``maskaq-eval --task fashion-mnist``.
+    """
+    c, h, w = (int(v) for v in data_config.input_size)
+    if images.dim() == 4:
+        images = images[:, 0]
+    if (c, h, w) == (1, images.shape[-2], images.shape[-1]):
+        return normalize(images, data_config.mean, data_config.std)
+    from PIL import Image
+
+    from runtime_eval.preprocess import Preprocessing
+
+    pre = Preprocessing((c, h, w), tuple(data_config.mean), tuple(data_config.std),
+                        float(data_config.crop_pct or 1.0), str(data_config.crop_mode or "center"),
+                        str(data_config.interpolation))
+    arr = images.cpu().numpy()
+    out = np.stack([pre(Image.fromarray(a)) for a in arr]) if len(arr) else np.zeros((0, c, h, w), np.float32)
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -41,12 +41,19 @@ if str(_ROOT) not in sys.path:
 from benchmarks.fmnist import CLASSES, VAL_SIZE, load_split, normalize  # noqa: E402
 
 ARCH = "vit_tiny_patch16_224"
-DEFAULT_OUT = _ROOT / "maskaq" / "assets" / "fmnist_vit.maskaq.pt"
+ASSETS = _ROOT / "maskaq" / "assets"
+
+#: --config NAME: the shapes of the project's from-scratch reference models (alias -> shape).
+#: Each option given explicitly (--embed-dim, --patch-size, ...) overrides the config's value.
+CONFIGS: dict[str, dict] = {
+    "fmnist_vit": dict(embed_dim=96, depth=6, heads=3, patch_size=4, mlp_ratio=4.0),
+    "fmnist_vit_p7": dict(embed_dim=128, depth=8, heads=4, patch_size=7, mlp_ratio=4.0),
+}
 
 
-def model_args(embed_dim: int, depth: int, heads: int, mlp_ratio: float) -> dict:
+def model_args(embed_dim: int, depth: int, heads: int, mlp_ratio: float, patch_size: int = 4) -> dict:
     return dict(
-        img_size=28, patch_size=4, in_chans=1, num_classes=10,
+        img_size=28, patch_size=patch_size, in_chans=1, num_classes=10,
         embed_dim=embed_dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio,
         global_pool="token", class_token=True,
     )
@@ -100,7 +107,7 @@ def evaluate_only(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     t0 = time.time()
-    lm = load_model(args.checkpoint, device=device) if args.checkpoint else load_model("fmnist_vit", device=device)
+    lm = load_model(args.checkpoint, device=device) if args.checkpoint else load_model(args.config, device=device)
     dc = lm.data_config
     n_params = sum(p.numel() for p in lm.model.parameters())
     print(f"model: {lm.name} {lm.model_args} params={n_params} source={lm.source}")
@@ -123,6 +130,8 @@ def train(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     seed_everything(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # plain fp32 training, portable numbers
         torch.backends.cudnn.allow_tf32 = False
@@ -134,7 +143,7 @@ def train(args: argparse.Namespace) -> int:
     del xf
     print(f"train {len(xtr)} / val {len(xv)} (last {VAL_SIZE} training images); mean={mean} std={std}")
 
-    margs = model_args(args.embed_dim, args.depth, args.heads, args.mlp_ratio)
+    margs = model_args(args.embed_dim, args.depth, args.heads, args.mlp_ratio, args.patch_size)
     model = timm.create_model(ARCH, pretrained=False, **margs).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{ARCH} {margs}: {n_params} parameters; grid {model.patch_embed.grid_size}")
@@ -161,11 +170,24 @@ def train(args: argparse.Namespace) -> int:
     warmup = steps_per_epoch * args.warmup_epochs
     print(f"{args.epochs} epochs x {steps_per_epoch} steps (batch {args.batch_size}), warm-up {args.warmup_epochs} epochs")
 
-    t0 = time.time()
-    step = 0
-    history = []
+    out = Path(args.out)
+    state_path = Path(f"{out}.train-state.pt")  # written after every epoch; --resume continues from it
+    step, start_epoch, history, spent = 0, 0, [], 0.0
+    if args.resume and state_path.is_file():
+        st = torch.load(str(state_path), map_location="cpu", weights_only=False)
+        if st["argv"] != _schedule_args(args):
+            print(f"error: {state_path} was written by another schedule ({st['argv']}); delete it or "
+                  "rerun with the same options", file=sys.stderr)
+            return 2
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        g_shuffle.set_state(st["g_shuffle"])
+        g_aug.set_state(st["g_aug"])
+        step, start_epoch, history, spent = st["step"], st["epoch"], st["history"], st["seconds"]
+        print(f"resumed from {state_path}: epoch {start_epoch}, step {step}, {spent:.0f}s trained")
+    t0 = time.time() - spent
     stopped_early = False
-    bar = tqdm(range(args.epochs), desc="train", mininterval=5.0, file=sys.stdout)
+    bar = tqdm(range(start_epoch, args.epochs), desc="train", mininterval=5.0, file=sys.stdout)
     for epoch in bar:
         model.train()
         perm = torch.randperm(n, generator=g_shuffle).to(device)
@@ -194,6 +216,12 @@ def train(args: argparse.Namespace) -> int:
         if "val_top1" in rec:
             print(f"epoch {epoch + 1}: loss {train_loss:.4f} val {rec['val_top1']:.2f}% "
                   f"({time.time() - t0:.0f}s)", flush=True)
+        if args.resume:
+            from maskaq.io import atomic_torch_save
+
+            atomic_torch_save({"argv": _schedule_args(args), "model": model.state_dict(), "opt": opt.state_dict(),
+                               "g_shuffle": g_shuffle.get_state(), "g_aug": g_aug.get_state(), "step": step,
+                               "epoch": epoch + 1, "history": history, "seconds": time.time() - t0}, state_path)
         if args.stop_epoch and epoch + 1 == args.stop_epoch < args.epochs:
             print(f"--stop-epoch {args.stop_epoch}: stopping after epoch {epoch + 1} of {args.epochs}")
             stopped_early = True
@@ -227,18 +255,25 @@ def train(args: argparse.Namespace) -> int:
         "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs, "schedule": "cosine (per step)",
         "label_smoothing": args.label_smoothing, "clip_grad": args.clip_grad,
         "augmentation": "random crop 28 with zero padding 2, horizontal flip p=0.5",
-        "seed": args.seed, "params": n_params,
+        "seed": args.seed, "params": n_params, "config": args.config,
         "val_top1": round(val_top1, 2), "test_top1": round(test_top1, 2),
         "train_seconds": round(train_s, 1), "device": dev_name, "torch": torch.__version__,
         "timm": timm.__version__,
         "command": "PYTHONPATH=. python3 benchmarks/train_reference.py " + " ".join(sys.argv[1:]),
         "history": history,
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out, model, ARCH, margs, dcfg, labels=CLASSES, extra=extra)  # atomic
+    state_path.unlink(missing_ok=True)
     print(f"wrote {out} ({out.stat().st_size} bytes)")
     return 0
+
+
+def _schedule_args(args: argparse.Namespace) -> dict:
+    """The options a resumed run must share with the one that wrote the state."""
+    keys = ("config", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_epochs", "label_smoothing",
+            "clip_grad", "embed_dim", "depth", "heads", "mlp_ratio", "patch_size", "seed")
+    return {k: getattr(args, k) for k in keys}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,11 +282,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="folder with the four Fashion-MNIST files "
                    "(default: $MASKAQ_FMNIST, else /usr/share/datasets/fashion-mnist)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="checkpoint to write (atomically)")
+    p.add_argument("--config", default="fmnist_vit", choices=sorted(CONFIGS),
+                   help="which reference model: its shape (" + "; ".join(
+                       f"{k}: width {v['embed_dim']}, depth {v['depth']}, {v['heads']} heads, patch {v['patch_size']}"
+                       for k, v in CONFIGS.items()) + ") and default --out maskaq/assets/<config>.maskaq.pt")
+    p.add_argument("--out", default=None, help="checkpoint to write (atomically; default "
+                   "maskaq/assets/<config>.maskaq.pt)")
     p.add_argument("--eval-only", action="store_true",
                    help="do not train: load the checkpoint and report val and test top-1")
     p.add_argument("--checkpoint", default=None,
-                   help="with --eval-only: a checkpoint file (default: the fmnist_vit alias)")
+                   help="with --eval-only: a checkpoint file (default: the --config alias)")
     p.add_argument("--epochs", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -260,18 +300,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-epochs", type=int, default=5)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--clip-grad", type=float, default=1.0, help="0 = off")
-    p.add_argument("--embed-dim", type=int, default=96)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--heads", type=int, default=3)
-    p.add_argument("--mlp-ratio", type=float, default=4.0)
+    p.add_argument("--embed-dim", type=int, default=None, help="default: the config's")
+    p.add_argument("--depth", type=int, default=None, help="default: the config's")
+    p.add_argument("--heads", type=int, default=None, help="default: the config's")
+    p.add_argument("--patch-size", type=int, default=None, help="default: the config's (28 must divide by it)")
+    p.add_argument("--mlp-ratio", type=float, default=None, help="default: the config's")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--val-every", type=int, default=10)
+    p.add_argument("--resume", action="store_true",
+                   help="save the training state after every epoch (<out>.train-state.pt) and continue "
+                   "from it if it is there")
     p.add_argument("--time-limit", type=float, default=0.0,
                    help="stop after the epoch that passes this many seconds of training (0 = off)")
     p.add_argument("--stop-epoch", type=int, default=0,
                    help="stop after this epoch while the lr schedule stays laid out over --epochs "
                    "(0 = off); the committed checkpoint = --epochs 150 --stop-epoch 134")
     args = p.parse_args(argv)
+    for k, v in CONFIGS[args.config].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if 28 % args.patch_size:
+        p.error(f"--patch-size {args.patch_size} does not divide the 28 px image; valid: 1, 2, 4, 7, 14, 28")
+    if args.embed_dim % args.heads:
+        p.error(f"--embed-dim {args.embed_dim} is not a multiple of --heads {args.heads}")
+    if args.out is None:
+        args.out = str(ASSETS / f"{args.config}.maskaq.pt")
     return evaluate_only(args) if args.eval_only else train(args)
 
 

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ModelError",
     "ALIASES",
+    "LOCAL_ALIASES",
+    "BUILT_ALIASES",
+    "cache_home",
+    "local_checkpoint_path",
     "DataConfig",
     "LoadedModel",
     "resolve_name",
@@ -55,7 +59,23 @@ ALIASES: dict[str, str] = {
 #: alias -> committed checkpoint file under maskaq/assets (offline, no download).
 LOCAL_ALIASES: dict[str, str] = {
     "fmnist_vit": "fmnist_vit.maskaq.pt",
+    "fmnist_dinov2": "fmnist_dinov2_s14.maskaq.pt",
 }
+
+#: local aliases whose checkpoint is too big to ship: built into :func:`cache_home` by a script.
+BUILT_ALIASES: dict[str, str] = {
+    "fmnist_dinov2": "benchmarks/build_dinov2_reference.py",
+}
+
+
+def cache_home() -> Path:
+    """``$MASKAQ_HOME``, else ``~/.cache/maskaq``: where built reference checkpoints live."""
+    return Path(os.environ.get("MASKAQ_HOME") or Path.home() / ".cache" / "maskaq").expanduser()
+
+
+def local_checkpoint_path(name: str) -> Path:
+    """The checkpoint file behind a local alias (shipped under assets/, or built into the cache)."""
+    return (cache_home() if name in BUILT_ALIASES else ASSETS) / LOCAL_ALIASES[name]
 
 
 class ModelError(ValueError):
@@ -342,7 +362,11 @@ def load_model(
     import timm
 
     if name in LOCAL_ALIASES:
-        p = ASSETS / LOCAL_ALIASES[name]
+        p = local_checkpoint_path(name)
+        if not p.is_file() and name in BUILT_ALIASES:
+            raise ModelError(f"the reference checkpoint for {name!r} is not built ({p} is missing); build it "
+                             f"with 'python {BUILT_ALIASES[name]}' (from a source checkout; set MASKAQ_HOME "
+                             "to keep it elsewhere)")
         if not p.is_file():
             raise ModelError(f"the reference checkpoint for {name!r} is missing ({p}); reinstall maskaq")
         lm = load_checkpoint(p)

@@ -15,6 +15,7 @@ rebuild Q without re-running synthesis: :func:`load_calibrated`), ``params.json`
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -307,6 +308,20 @@ class ImageFolderBatches:
 
     def __len__(self) -> int:
         return math.ceil(len(self.files) / self.batch_size)
+
+    def split_holdout(self, n: int, seed: int) -> tuple["ImageFolderBatches", torch.Tensor]:
+        """``(train, held_out)``: ``n`` seeded files decoded into a tensor (the calibration guard's
+        hold-out), the rest as a batch source of their own."""
+        if not 1 <= n < len(self.files):
+            raise PipelineError(f"cannot hold {n} of {len(self.files)} calibration images back")
+        g = torch.Generator().manual_seed(derive_seed(seed, "real", "holdout"))
+        perm = torch.randperm(len(self.files), generator=g).tolist()
+        hold = sorted(perm[:n])
+        held = torch.stack([self._get(i) for i in hold])
+        train = copy.copy(self)
+        train.files = [f for i, f in enumerate(self.files) if i not in set(hold)]
+        train._cache = {} if self._cache is not None else None
+        return train, held
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = int(epoch)
