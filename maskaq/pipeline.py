@@ -16,6 +16,7 @@ rebuild Q without re-running synthesis: :func:`load_calibrated`), ``params.json`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -570,6 +571,13 @@ def _check_out_dir(out: Path, ck: Path, resume: bool, run_cfg: RunConfig) -> Non
             )
 
 
+def _q_uncalibrated(Q: nn.Module) -> bool:
+    """True while some enabled activation quantizer of Q has no range yet."""
+    from .quant import ActQuantizer
+
+    return any(isinstance(m, ActQuantizer) and m.enabled and not bool(m.initialized) for m in Q.modules())
+
+
 def run_pipeline(
     run_cfg: RunConfig,
     out_dir: str | os.PathLike,
@@ -673,8 +681,17 @@ def run_pipeline(
             images, masks = obj["images"], obj["masks"]
             log.info("synthesis round %d: loaded %d images from %s", r, images.shape[0], path)
         else:
+            scfg, q_for = plan.synth, (Q if plan.synth_uses_q else None)
+            if q_for is not None and _q_uncalibrated(Q):
+                # [ours, issue 11] L_MAA aligns P with the Q being calibrated; before calibration Q has
+                # no ranges from calibration data (each batch would initialise it on its own noise),
+                # so the first round synthesises without L_MAA, as the reference's first data set is
+                # generated with P alone (generate_dataset.sh) before training; L_MAA acts from the
+                # first refresh on, with the calibrated Q.
+                scfg, q_for = dataclasses.replace(scfg, use_maa=False), None
+                log.info("synthesis round %d: Q has no calibrated ranges yet: L_MAA starts at the first refresh", r)
             res: SynthResult = synthesize(
-                P, Q if plan.synth_uses_q else None, plan.num_images, plan.synth, dcfg,
+                P, q_for, plan.num_images, scfg, dcfg,
                 seed=seeds["synth"], round=r, device=device, progress=progress,
                 checkpoint_dir=ck / f"synth_r{r:03d}",
             )

@@ -545,7 +545,7 @@ class StepContext:
                  out: Any, recs: list, layout: _Layout, labels: torch.Tensor, state: dict[str, Any],
                  step: int, gen: torch.Generator, host_gen: torch.Generator | None) -> None:
         self.P, self.Q, self.cfg, self.x, self.xa = P, Q, cfg, x, xa
-        self.logits = _class_logits(out)
+        self.out = out  # P's raw output (a dense backbone returns feature maps, not logits)
         self.recs = recs
         self.layout = layout
         self.layers = [layout.layers[r.name] for r in recs]
@@ -556,6 +556,11 @@ class StepContext:
         self.batch = x.shape[0]
         self.mask: torch.Tensor | None = None
         self._blocks: list[torch.Tensor] | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """P's class logits for ``xa``; only terms that need them read them (lazily)."""
+        return _class_logits(self.out)
 
     @staticmethod
     def class_logits(out: Any) -> torch.Tensor:
