@@ -167,7 +167,7 @@ def train(args: argparse.Namespace) -> int:
     n = len(xtr)
     steps_per_epoch = n // args.batch_size  # drop the last partial batch
     total = steps_per_epoch * args.epochs
-    warmup = steps_per_epoch * args.warmup_epochs
+    warmup = int(round(steps_per_epoch * args.warmup_epochs))
     print(f"{args.epochs} epochs x {steps_per_epoch} steps (batch {args.batch_size}), warm-up {args.warmup_epochs} epochs")
 
     out = Path(args.out)
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=int, default=5)
+    p.add_argument("--warmup-epochs", type=float, default=5, help="may be fractional")
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--clip-grad", type=float, default=1.0, help="0 = off")
     p.add_argument("--embed-dim", type=int, default=None, help="default: the config's")
