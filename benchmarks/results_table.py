@@ -10,6 +10,11 @@ and the PNGs from whatever records exist.
     python benchmarks/results_table.py                       # everything (resumable)
     python benchmarks/results_table.py --only maskaq --settings 3w3a --seeds 0
     python benchmarks/results_table.py --split val           # tuning runs: score the validation slice
+    python benchmarks/results_table.py --model fmnist_vit --only spdfq psaq --settings 4w4a
+
+Methods come from the recipe registry (``maskaq.recipes``); every record names its ``model``
+(``--model``: any reference model with Fashion-MNIST labels; runs of a model other than the
+default live under ``runs/<model>__...`` and its records are ``<model>__...json``).
 
 Tune only with ``--split val`` (training images 55,000-59,999); the test split is for the table.
 """
@@ -35,15 +40,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fmnist import load_split, normalize  # noqa: E402
 
 from maskaq.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from maskaq.recipes import RECIPES  # noqa: E402
 
-MODEL = "fmnist_vit"
-MAIN_METHODS = ["real", "noise", "psaq", "mimiq", "maskaq"]
+MODEL = "fmnist_vit"  # the default reference model; --model picks another
+MAIN_METHODS = ["real", "noise", "psaq", "psaq_maskaq_settings", "mimiq", "spdfq", "maskaq"]
 MAIN_SETTINGS = ["4w4a", "3w3a", "4w8a"]
 ABLATIONS = ["no_de", "no_maa", "no_calib_mask", "no_refresh"]
 ABLATION_SETTING = "3w3a"
-LABELS = {"real": "Real data (upper bound)", "noise": "Gaussian noise", "psaq": "PSAQ-ViT", "mimiq": "MimiQ",
-          "maskaq": "MaskAQ", "maskaq-no_de": "MaskAQ w/o L_DE", "maskaq-no_maa": "MaskAQ w/o L_MAA",
+LABELS = {**{n: r.title for n, r in RECIPES.items()}, "real": "Real data (upper bound)",
+          "maskaq-no_de": "MaskAQ w/o L_DE", "maskaq-no_maa": "MaskAQ w/o L_MAA",
           "maskaq-no_calib_mask": "MaskAQ w/o calibration mask", "maskaq-no_refresh": "MaskAQ w/o refresh"}
+assert all(m in RECIPES for m in MAIN_METHODS), "MAIN_METHODS names a method maskaq.recipes does not have"
+
+
+def _prefix(model: str) -> str:
+    """Run-directory / record-name prefix of a model (none for the default, so older runs resume)."""
+    return "" if model == MODEL else f"{model}__"
 
 log = logging.getLogger("results_table")
 
@@ -86,20 +98,20 @@ def onnx_top1(path: Path) -> float:
 
 
 def run_arm(arm: tuple[str, str, tuple[str, ...], str], seed: int, out: Path, preset: str, device: str,
-            split: str, overrides: dict[str, Any]) -> dict[str, Any]:
+            split: str, overrides: dict[str, Any], model: str = MODEL, tag: str = "") -> dict[str, Any]:
     from export import export_onnx
     from maskaq.pipeline import RunConfig, run_pipeline
 
     name, method, abl, setting = arm
     w, a = int(setting.split("w")[0]), int(setting.split("w")[1].rstrip("a"))
-    run_dir = out / "runs" / f"{name}__{setting}__s{seed}"
+    run_dir = out / "runs" / f"{_prefix(model)}{name}__{setting}__s{seed}{tag}"
     resume = (run_dir / "ckpt").is_dir() and any((run_dir / "ckpt").iterdir())
     t0 = time.time()
     real = None
     if method == "real":  # real training images (never the validation slice or the test set)
         from maskaq.models import load_model
 
-        dcfg = load_model(MODEL).data_config
+        dcfg = load_model(model).data_config
         xs, _ = load_split("train")
         g = torch.Generator().manual_seed(10_000 + seed)
         from maskaq.presets import apply_overrides, get_preset
@@ -107,7 +119,7 @@ def run_arm(arm: tuple[str, str, tuple[str, ...], str], seed: int, out: Path, pr
         n = apply_overrides(get_preset(preset), overrides).num_images
         idx = torch.randperm(len(xs), generator=g)[:n]
         real = normalize(xs[idx], dcfg.mean, dcfg.std)
-    cfg = RunConfig(model=MODEL, method=method, w_bits=w, a_bits=a, preset=preset, seed=seed, ablations=abl,
+    cfg = RunConfig(model=model, method=method, w_bits=w, a_bits=a, preset=preset, seed=seed, ablations=abl,
                     overrides=overrides)
     res = run_pipeline(cfg, run_dir, resume=resume, device=device, progress=sys.stderr.isatty(), real_data=real)
     t_calib = time.time() - t0
@@ -119,25 +131,26 @@ def run_arm(arm: tuple[str, str, tuple[str, ...], str], seed: int, out: Path, pr
     o_top1 = None
     if split == "test":
         o_top1 = onnx_top1(onnx_path)
-    return {"arm": name, "method": method, "ablations": list(abl), "setting": setting, "w_bits": w, "a_bits": a,
+    return {"model": model, "arm": name, "method": method, "ablations": list(abl), "setting": setting, "w_bits": w, "a_bits": a,
             "seed": seed, "preset": preset, "overrides": overrides, "split": split, "onnx_top1": o_top1,
             "torch_top1": t_top1, "wall_s": round(time.time() - t0, 1), "calib_wall_s": round(t_calib, 1),
-            "num_images": res.report.get("plan", {}).get("num_images")}
+            "num_images": res.report.get("plan", {}).get("num_images"),
+            "synth": res.report.get("plan", {}).get("synth")}
 
 
-def run_fp32(out: Path, split: str) -> dict[str, Any]:
+def run_fp32(out: Path, split: str, model: str = MODEL) -> dict[str, Any]:
     from export import export_onnx
     from maskaq.models import load_model
 
     t0 = time.time()
-    lm = load_model(MODEL)
-    path = out / "runs" / "fp32.onnx"
+    lm = load_model(model)
+    path = out / "runs" / f"{_prefix(model)}fp32.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     export_onnx(lm.model, path, data_config=lm.data_config, labels=lm.labels, source=lm.source)  # float graph
     x, y = eval_split(split, lm.data_config)
     t = torch_top1(lm.model, x, y)
     o = onnx_top1(path) if split == "test" else None
-    return {"arm": "fp32", "method": "fp32", "ablations": [], "setting": "32w32a", "w_bits": 32, "a_bits": 32,
+    return {"model": model, "arm": "fp32", "method": "fp32", "ablations": [], "setting": "32w32a", "w_bits": 32, "a_bits": 32,
             "seed": 0, "split": split, "onnx_top1": o, "torch_top1": t, "wall_s": round(time.time() - t0, 1)}
 
 
@@ -149,13 +162,7 @@ def _ms(v: list[float]) -> str:
     return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}"
 
 
-def write_report(out: Path, docs: Path, command: str) -> None:
-    recs = [json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))]
-    recs = [r for r in recs if r.get("split", "test") == "test"]
-    if not recs:
-        return
-    docs.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(docs / "results.json", {"model": MODEL, "command": command, "records": recs})
+def _table(recs: list[dict[str, Any]]) -> tuple[list[str], float]:
     fp = [r for r in recs if r["arm"] == "fp32"]
     lines = ["| arm | setting | seeds | ONNX top-1 (exact) | PyTorch fake-quant top-1 | max abs(ONNX - torch) | mean wall s |",
              "|---|---|---|---|---|---|---|"]
@@ -175,7 +182,25 @@ def write_report(out: Path, docs: Path, command: str) -> None:
         worst = max(worst, gap)
         lines.append(f"| {LABELS.get(arm, arm)} | {s} | {len(rs)} | {_ms(on)} | {_ms(tv)} | {gap:.2f} | "
                      f"{statistics.mean(r['wall_s'] for r in rs):.0f} |")
-    table = "\n".join(lines) + f"\n\nLargest ONNX-vs-PyTorch disagreement over all records: {worst:.2f} points.\n"
+    return lines, worst
+
+
+def write_report(out: Path, docs: Path, command: str) -> None:
+    recs = [json.loads(p.read_text()) for p in sorted((out / "records").glob("*.json"))]
+    recs = [r for r in recs if r.get("split", "test") == "test"]
+    if not recs:
+        return
+    for r in recs:  # records written before records named their model are of the default model
+        r.setdefault("model", MODEL)
+    models = sorted({r["model"] for r in recs}, key=lambda m: (m != MODEL, m))
+    docs.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(docs / "results.json", {"models": models, "command": command, "records": recs})
+    parts, worst = [], 0.0
+    for model in models:
+        lines, w = _table([r for r in recs if r["model"] == model])
+        worst = max(worst, w)
+        parts.append((f"### {model}\n\n" if len(models) > 1 else "") + "\n".join(lines))
+    table = "\n\n".join(parts) + f"\n\nLargest ONNX-vs-PyTorch disagreement over all records: {worst:.2f} points.\n"
     md = docs / "RESULTS.md"
     text = md.read_text() if md.exists() else "# Results\n"
     start, end = "<!-- results-table:start -->", "<!-- results-table:end -->"
@@ -190,14 +215,37 @@ def write_report(out: Path, docs: Path, command: str) -> None:
     else:
         text = text.rstrip() + "\n\n## Accuracy (Fashion-MNIST reference ViT, 10k test images)\n\n" + block + "\n"
     atomic_write_bytes(md, text.encode())
-    _plot(recs, docs / "results_top1_vs_bits.png", fp[0]["onnx_top1"] if fp else None)
-    for m in MAIN_METHODS:  # one sample grid per method (4w4a, seed 0)
-        src = out / "runs" / f"{m}__4w4a__s0" / "samples.png"
-        if src.exists():
-            shutil.copyfile(src, docs / f"samples_{m}.png")
+    for model in models:
+        mrecs = [r for r in recs if r["model"] == model]
+        fp = [r for r in mrecs if r["arm"] == "fp32"]
+        sfx = "" if model == MODEL else f"_{model}"
+        _plot(mrecs, docs / f"results_top1_vs_bits{sfx}.png", fp[0]["onnx_top1"] if fp else None, model)
+        write_sample_grids(out, docs, model)
 
 
-def _plot(recs: list[dict[str, Any]], path: Path, fp32: float | None) -> None:
+def write_sample_grids(out: Path, docs: Path, model: str = MODEL, setting: str = "4w4a", seed: int = 0) -> None:
+    """Per method: its run's own samples.png copied to ``samples_<method>[_<model>].png``, and one
+    figure with a row of calibration images per method (``samples_by_method[_<model>].png``,
+    :func:`maskaq.viz.save_method_grid`) from the runs' saved synthesis / first batch."""
+    from maskaq.models import load_model
+    from maskaq.viz import save_method_grid
+
+    sfx = "" if model == MODEL else f"_{model}"
+    rows: dict[str, torch.Tensor] = {}
+    for m in MAIN_METHODS:
+        run = out / "runs" / f"{_prefix(model)}{m}__{setting}__s{seed}"
+        if (run / "samples.png").exists():
+            shutil.copyfile(run / "samples.png", docs / f"samples_{m}{sfx}.png")
+        synth = sorted((run / "ckpt").glob("synth_r*.pt"))
+        if synth:
+            rows[LABELS.get(m, m)] = torch.load(synth[-1], map_location="cpu", weights_only=True)["images"][:8]
+    if rows:
+        dcfg = load_model(model).data_config
+        save_method_grid(rows, docs / f"samples_by_method{sfx}.png", mean=dcfg.mean, std=dcfg.std,
+                         title=f"{model}: synthetic calibration images per method ({setting}, seed {seed})")
+
+
+def _plot(recs: list[dict[str, Any]], path: Path, fp32: float | None, model: str = MODEL) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,13 +262,13 @@ def _plot(recs: list[dict[str, Any]], path: Path, fp32: float | None) -> None:
                 ys.append(statistics.mean(v))
                 es.append(statistics.stdev(v) if len(v) > 1 else 0.0)
         if xs:
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=LABELS[m])
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=LABELS.get(m, m))
     if fp32 is not None:
         ax.axhline(fp32, color="k", ls="--", lw=1, label=f"FP32 {fp32:.2f}")
     ax.set_xticks(range(len(order)), order)
     ax.set_xlabel("bit setting (weights w, activations a)")
     ax.set_ylabel("top-1 (%) ONNX Runtime, exact mode")
-    ax.set_title("Fashion-MNIST reference ViT: top-1 vs bit width")
+    ax.set_title(f"{model} (Fashion-MNIST): top-1 vs bit width")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -235,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "runs" / "results"))
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--only", nargs="+", help="arm names: fp32, real, noise, psaq, mimiq, maskaq, maskaq-no_de, ...")
+    ap.add_argument("--model", default=MODEL, help="reference model (alias or checkpoint) [default: %(default)s]")
+    ap.add_argument("--only", nargs="+", help="arm names: fp32, " + ", ".join(MAIN_METHODS) + ", maskaq-no_de, ...")
     ap.add_argument("--settings", nargs="+")
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE preset override")
@@ -258,10 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/results_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
     todo: list[tuple[str, Any]] = []
     if not args.only or "fp32" in args.only:
-        todo.append(("fp32__fp32__s0", None))
+        todo.append((f"{_prefix(args.model)}fp32__fp32__s0", None))
     for arm in arms(args.only, args.settings):
         for s in args.seeds:
-            todo.append((f"{arm[0]}__{arm[3]}__s{s}", (arm, s)))
+            todo.append((f"{_prefix(args.model)}{arm[0]}__{arm[3]}__s{s}", (arm, s)))
     t_all = time.time()
     if args.jobs > 1 and args.worker is None:
         return _run_workers(argv if argv is not None else sys.argv[1:], args, out, command, t_all)
@@ -274,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("[%d/%d] %s: done already", i + 1, len(todo), key)
             continue
         log.info("[%d/%d] %s ...", i + 1, len(todo), key)
-        rec = run_fp32(out, args.split) if job is None else run_arm(job[0], job[1], out, args.preset, args.device,
-                                                                     args.split, overrides)
+        rec = run_fp32(out, args.split, args.model) if job is None else run_arm(
+            job[0], job[1], out, args.preset, args.device, args.split, overrides, args.model)
         atomic_write_json(rec_path, rec)
         log.info("[%d/%d] %s: onnx %s torch %.2f (%.0f s; %.0f s so far)", i + 1, len(todo), key,
                  "-" if rec["onnx_top1"] is None else f"{rec['onnx_top1']:.2f}", rec["torch_top1"], rec["wall_s"],

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,9 +18,12 @@ from typing import Any
 
 import click
 
-from .cli_common import PRESETS, _check_device, _Command, _fail, _setup_logging, _sha256, _warn
+from .cli_common import (PRESETS, _check_device, _Command, _fail, _interrupted, _kept_or_removed, _plan_totals, _resume_line,
+                         _setup_logging, _sha256, _warn, expand_variadic)
 
-METHODS = ("maskaq", "mimiq", "psaq", "noise", "real")
+from maskaq.recipes import RECIPES, method_names  # noqa: E402
+
+METHODS = method_names()
 BLOCK_SIZES = (32, 64, 128)
 
 EPILOG = """\b
@@ -42,6 +44,14 @@ Examples:
   maskaq-export --from-state fmnist_4w4a.run/calibrated.pt --weight-only-int4 --block-size 32 -o w4.onnx
   # continue an interrupted run (same command plus --resume):
   maskaq-export fmnist_vit --bits 4 -o fmnist_4w4a.onnx --resume
+  # your own ViT: a bare state dict (the tensors say the rest), your preprocessing and labels,
+  # the float graph beside the quantized one, and the sensitivity report:
+  maskaq-export vit_tiny_patch16_224 --checkpoint my_vit.pth --model-kwargs num_heads=4 \\
+      --mean 0.286 --std 0.353 --labels classes.txt --bits 4 --fp32-out my_vit_fp32.onnx --analyse -o my_vit.onnx
+  # a folder written by timm's save_for_hf / push_to_hf_hub (config.json + model.safetensors):
+  maskaq-export ./my_vit_hf/ --bits 4 -o my_vit.onnx
+  # fix the worst layers the report names, in one re-run:
+  maskaq-export fmnist_vit --bits 4 --keep-8bit 'blocks.0.attn.*' head -o fmnist_mixed.onnx
 
 \b
 Outputs: OUT.onnx, OUT.encodings.json, OUT.report.json, run directory OUT.run/ (--run-dir).
@@ -64,7 +74,7 @@ class _ExportCommand(_Command):
 
             return dense_main.main(args=argv, prog_name=prog_name, complete_var=complete_var,
                                    standalone_mode=standalone_mode, **extra)
-        return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+        return super().main(args=expand_variadic(argv), prog_name=prog_name, complete_var=complete_var,
                             standalone_mode=standalone_mode, **extra)
 
 
@@ -77,7 +87,7 @@ def _out_paths(out: Path) -> dict[str, Path]:
 def _check_model_name(name: str) -> None:
     from maskaq.models import LOCAL_ALIASES, resolve_name
 
-    if name in LOCAL_ALIASES or os.path.isfile(name):
+    if name in LOCAL_ALIASES or os.path.isfile(name) or os.path.isdir(name):
         return
     resolve_name(name)  # raises ModelError listing what would work
 
@@ -90,7 +100,7 @@ def _hub_offline_if_unreachable(model: str) -> None:
 
     from maskaq.models import LOCAL_ALIASES
 
-    if model in LOCAL_ALIASES or os.path.isfile(model):
+    if model in LOCAL_ALIASES or os.path.exists(model):
         return
     try:
         socket.create_connection(("huggingface.co", 443), timeout=3).close()
@@ -145,7 +155,7 @@ def _given(ctx: click.Context, name: str) -> bool:
               help="Weight bit width, 2-8 (also the activation width unless --a-bits).")
 @click.option("--a-bits", "a_bits", type=int, default=None, metavar="A", help="Activation bit width, 2-8.")
 @click.option("--method", type=click.Choice(METHODS), default="maskaq", show_default=True,
-              help="Calibration data: MaskAQ synthesis, MimiQ, PSAQ-ViT, Gaussian noise or real images.")
+              help="Method (maskaq.recipes): " + "; ".join(f"{n}: {r.title}" for n, r in RECIPES.items()) + ".")
 @click.option("--preset", type=click.Choice(PRESETS), default="cpu", show_default=True,
               help="Budget: cpu (minutes on a laptop), paper (the paper's), tiny (tests).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -159,6 +169,24 @@ def _given(ctx: click.Context, name: str) -> bool:
               help="INT4 block size along the reduction axis [default: 32].")
 @click.option("--opset", type=int, default=None, metavar="N", help="ONNX opset [default: 20; 21 with INT4].")
 @click.option("--keep-first-last-8bit", is_flag=True, help="Patch embedding and classifier head at 8 bit.")
+@click.option("--keep-8bit", "keep_8bit", multiple=True, metavar="NAME|PATTERN ...",
+              help="Keep these quantizers / layers at 8 bit (names as in the sensitivity report, fnmatch "
+                   "patterns such as 'blocks.0.*'; several values, or comma-separated).")
+@click.option("--model-kwargs", "model_kwargs", multiple=True, metavar="KEY=VALUE ...",
+              help="timm constructor arguments (as timm's train.py), e.g. num_heads=4 mlp_ratio=2.0.")
+@click.option("--num-classes", type=int, default=None, metavar="N", help="Classifier outputs (timm num_classes).")
+@click.option("--img-size", default=None, metavar="N|HxW", help="Input size, square N or HxW (timm img_size).")
+@click.option("--in-chans", type=int, default=None, metavar="C", help="Input channels (timm in_chans).")
+@click.option("--mean", multiple=True, type=float, metavar="M ...", help="Normalisation mean (1 or C values), overriding the model's.")
+@click.option("--std", multiple=True, type=float, metavar="S ...", help="Normalisation std (1 or C values), overriding the model's.")
+@click.option("--crop-pct", type=float, default=None, metavar="F", help="Centre-crop fraction, overriding the model's (1.0 = no crop).")
+@click.option("--interpolation", default=None, metavar="MODE",
+              help="Resize interpolation, overriding the model's: bicubic, bilinear, nearest, lanczos, box, hamming.")
+@click.option("--labels", "labels_file", default=None, metavar="FILE", help="Class names, one a line, in output order.")
+@click.option("--fp32-out", default=None, metavar="FP32.onnx",
+              help="Also write P's float graph (same metadata, input and output names) for maskaq-eval --fp32.")
+@click.option("--analyse", is_flag=True,
+              help="Also write the per-quantizer sensitivity report OUT.sensitivity.{json,txt,png} (see maskaq-analyse).")
 @click.option("--seed", type=int, default=0, show_default=True, help="The one seed of every random choice.")
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda|cuda:N", help="Where to compute.")
 @click.option("--run-dir", default=None, metavar="DIR", help="Run directory [default: OUT.run/].")
@@ -166,14 +194,19 @@ def _given(ctx: click.Context, name: str) -> bool:
 @click.option("--from-state", default=None, metavar="calibrated.pt",
               help="Re-export a finished run's calibrated state (no synthesis, no calibration).")
 @click.option("--random-weights", is_flag=True, help="Random model weights (speed tests).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars, no summary.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress, no summary (errors only).")
+@click.option("--verbose", "-v", is_flag=True, help="Log every step (INFO) on stderr.")
 @click.option("-o", "--output", required=True, metavar="OUT.onnx", help="Output ONNX file.")
 @click.pass_context
 def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int | None, method: str, preset: str,
          overrides: tuple[str, ...], checkpoint: str | None, calib_data: str | None, profile: str,
          weight_only_int4: bool, block_size: str | None, opset: int | None, keep_first_last_8bit: bool, seed: int,
          device: str, run_dir: str | None, resume: bool, from_state: str | None, random_weights: bool,
-         quiet: bool, output: str) -> None:
+         quiet: bool, verbose: bool, output: str, keep_8bit: tuple[str, ...] = (), model_kwargs: tuple[str, ...] = (),
+         num_classes: int | None = None, img_size: str | None = None, in_chans: int | None = None,
+         mean: tuple[float, ...] = (), std: tuple[float, ...] = (), crop_pct: float | None = None,
+         interpolation: str | None = None, labels_file: str | None = None, fp32_out: str | None = None,
+         analyse: bool = False) -> None:
     """Quantize a Vision Transformer without data (MaskAQ) and export it as a QDQ ONNX file.
 
     MODEL is an alias (fmnist_vit, deit_t, deit_s, deit_b, vit_t, vit_s, vit_b, swin_t, swin_s),
@@ -181,7 +214,8 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
     swin_t_upernet) take their own options and write a directory: maskaq-export swin_t_upernet --help.
     """
     t_start = time.perf_counter()
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
+    argv = list(getattr(ctx.command, "argv", []) or [])
     from maskaq.models import ModelError
     from maskaq.presets import PresetError, parse_overrides
     from maskaq.quant import QuantError, check_bits
@@ -206,6 +240,14 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
         if weight_only_int4 and opset < INT4_OPSET:
             raise click.UsageError(f"--weight-only-int4 needs --opset >= {INT4_OPSET}")
     device = _check_device(device)
+    if fp32_out is not None:
+        f32 = Path(fp32_out)
+        if f32.is_dir():
+            raise click.UsageError(f"--fp32-out {fp32_out!r} is a directory; give a file name such as model_fp32.onnx")
+        if not (f32.parent if str(f32.parent) else Path(".")).is_dir():
+            _fail(f"--fp32-out directory {str(f32.parent)!r} does not exist")
+        if f32.resolve() == out.resolve():
+            raise click.UsageError("--fp32-out must differ from -o/--output")
 
     from maskaq.pipeline import PipelineError, RunConfig, load_calibrated, run_pipeline
 
@@ -216,12 +258,18 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
     report: dict[str, Any] = {"schema": "maskaq-export-report/1",
                               "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in ctx.params.items()}}
     timings: dict[str, Any] = {}
+    run_path: Path | None = None
+    created = False
+    totals: tuple[int | None, int | None] = (None, None)
     try:
         if from_state is not None:
             clash = [f"--{n.replace('_', '-')}" for n in ("w_bits", "a_bits", "method", "preset", "overrides", "checkpoint",
                                                          "calib_data", "keep_first_last_8bit", "seed", "run_dir",
-                                                         "resume", "random_weights") if _given(ctx, n)]
-            clash = [c.replace("--w-bits", "--bits").replace("--overrides", "--set") for c in clash]
+                                                         "resume", "random_weights", "keep_8bit", "model_kwargs",
+                                                         "num_classes", "img_size", "in_chans", "mean", "std",
+                                                         "crop_pct", "interpolation", "labels_file") if _given(ctx, n)]
+            clash = [c.replace("--w-bits", "--bits").replace("--overrides", "--set").replace("--labels-file", "--labels")
+                     for c in clash]
             if clash:
                 raise click.UsageError(f"--from-state re-exports a calibrated state; {', '.join(clash)} "
                                       f"{'does' if len(clash) == 1 else 'do'} not apply")
@@ -253,23 +301,33 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
             _check_model_name(model)
             if checkpoint is None and not random_weights:
                 _hub_offline_if_unreachable(model)
+            model_args, preprocessing, labels = _byo_options(model_kwargs, num_classes, img_size, in_chans, mean,
+                                                             std, crop_pct, interpolation, labels_file)
             trt = profile == "tensorrt" and not weight_only_int4
             rc = RunConfig(model=model, checkpoint=checkpoint, method=method, w_bits=w_bits,
                            a_bits=a_bits if a_bits is not None else w_bits,
                            symmetric_activations=trt, narrow_weights=trt,
                            keep_first_last_8bit=keep_first_last_8bit, preset=preset,
                            overrides=parse_overrides(overrides), seed=seed, calib_data=calib_data,
-                           random_weights=random_weights)
+                           random_weights=random_weights, model_args=model_args, keep_8bit=tuple(keep_8bit),
+                           preprocessing=preprocessing, labels=labels)
             run_path = Path(run_dir) if run_dir else paths["run"]
-            created = not run_path.exists()
             if run_dir and not run_path.parent.is_dir():
                 _fail(f"run directory parent {str(run_path.parent)!r} does not exist")
+            from maskaq.pipeline import resolve_plan
+
+            totals = _plan_totals(resolve_plan(rc))
+            if resume:  # say what is reused, or refuse: nothing to resume / other settings
+                _resume_line(run_path, rc.to_json(), totals, quiet)
+            created = not run_path.exists()
             t0 = time.perf_counter()
             try:
                 res = run_pipeline(rc, run_path, resume=resume, device=device, progress=not quiet)
+            except KeyboardInterrupt:
+                raise
             except BaseException:
-                if created and not resume:  # nothing half-written: drop the run directory we made
-                    shutil.rmtree(run_path, ignore_errors=True)
+                if created and not _kept_or_removed(run_path, created, totals).startswith("checkpoints kept"):
+                    created = False  # removed: nothing half-written is left behind
                 raise
             timings["pipeline_s"] = round(time.perf_counter() - t0, 3)
             timings["pipeline"] = res.report.get("timings")
@@ -278,6 +336,16 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
                                   "state": str(state_path), "samples_png": str(res.samples_png),
                                   "losses": res.report.get("losses")}
 
+        from .profiles import low_bit_storage
+
+        low_bit = None if weight_only_int4 else low_bit_storage(Q, profile)
+        if low_bit is not None:
+            _warn(f"--profile tensorrt writes the {'/'.join(map(str, sorted(set(low_bit['weight_bits'] + low_bit['activation_bits']))))}"
+                  f"-bit grids as int8 ({low_bit['weight_quantizers']} weight and {low_bit['activation_quantizers']} "
+                  "activation quantizers; weights as int8 holding only the low-bit values, activations clipped to "
+                  "the low-bit range before an int8 Q/DQ): TensorRT has no sub-8-bit type, so it computes the "
+                  "low-bit model with int8 kernels and int8 weight memory; use --profile ort or "
+                  "--weight-only-int4 for 4-bit storage", quiet)
         cost = None
         if profile == "tensorrt" and not weight_only_int4:
             cost = conversion_cost(Q, loaded.data_config)
@@ -299,10 +367,44 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
         )
         timings["export_s"] = round(time.perf_counter() - t0, 3)
         timings["export"] = {k: round(v, 3) for k, v in result.timings.items()}
+        fp32_result = None
+        if fp32_out is not None:
+            t0 = time.perf_counter()
+            try:
+                fp32_result = export_onnx(
+                    loaded.model, Path(fp32_out), data_config=loaded.data_config, profile="ort", opset=opset,
+                    metadata={"method": "fp32", "seed": rc.seed, "config": {"run": rc.to_json(), "export": export_cfg},
+                              "fp32_of": out.name},
+                    labels=loaded.labels, source=loaded.source, write_encodings=False,
+                )
+            except BaseException:
+                for f in (result.path, result.encodings_path):  # nothing half-written
+                    Path(f).unlink(missing_ok=True)
+                raise
+            timings["fp32_export_s"] = round(time.perf_counter() - t0, 3)
+        sensitivity = None
+        if analyse:
+            from maskaq.sensitivity import analyse_quantizers, calibration_images, write_report
+
+            t0 = time.perf_counter()
+            imgs, img_src = calibration_images(run_path, rc, loaded.data_config, 32)
+            sens = analyse_quantizers(Q, imgs.to(device), progress=not quiet)
+            sens["images"] = {"count": int(imgs.shape[0]), "source": img_src}
+            sens["model"] = {"name": loaded.name, "source": loaded.source, "state": str(state_path)}
+            stem = out.with_suffix("") if out.suffix.lower() == ".onnx" else out
+            sensitivity = write_report(sens, Path(f"{stem}.sensitivity"))
+            timings["analyse_s"] = round(time.perf_counter() - t0, 3)
     except click.UsageError:
         raise
+    except KeyboardInterrupt as e:
+        if run_path is None:
+            raise
+        _interrupted(e, run_path, created, argv, totals)
     except known as e:
-        _fail(str(e))
+        kept = ""
+        if created and run_path is not None and run_path.exists():  # work was done: its checkpoints stay
+            kept = f" ({_kept_or_removed(run_path, False, totals)}; fix the cause and rerun the same command with --resume)"
+        _fail(f"{e}{kept}")
 
     timings["total_s"] = round(time.perf_counter() - t_start, 3)
     report.update({
@@ -310,6 +412,11 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
         "seed": rc.seed,
         "export": result.to_json(),
         "tensorrt_conversion": cost,
+        "tensorrt_low_bit_storage": low_bit,
+        "model": {"name": loaded.name, "model_args": loaded.model_args, "data_config": loaded.data_config.to_json(),
+                  "labels": loaded.labels, "source": loaded.source},
+        "fp32": None if fp32_result is None else fp32_result.to_json(),
+        "sensitivity": sensitivity,
         "timings": timings,
         "files": {
             "onnx": {"path": str(result.path), "bytes": result.size_bytes, "sha256": _sha256(result.path)},
@@ -330,6 +437,38 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
         click.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {tag}, opset {result.opset}, "
                    f"{result.num_quantizers} quantizers) in {timings['total_s']:.1f} s")
         click.echo(f"      {result.encodings_path}, {paths['report']}; run directory {run_path}")
+        if fp32_result is not None:
+            click.echo(f"      float graph {fp32_result.path} ({fp32_result.size_bytes / 1e6:.2f} MB)")
+        if sensitivity is not None:
+            click.echo(f"      sensitivity report {sensitivity['text']} (+ .json, .png)")
+
+
+def _byo_options(model_kwargs: tuple[str, ...], num_classes: int | None, img_size: str | None,
+                 in_chans: int | None, mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float | None,
+                 interpolation: str | None, labels_file: str | None
+                 ) -> tuple[dict[str, Any], dict[str, Any], list[str] | None]:
+    """timm's flags -> (model_args, preprocessing overrides, labels); one-line errors on clashes."""
+    from maskaq.byo import INTERPOLATIONS, parse_img_size, parse_model_kwargs, read_labels
+
+    args = parse_model_kwargs(model_kwargs)
+    for key, flag, val in (("num_classes", "--num-classes", num_classes), ("in_chans", "--in-chans", in_chans),
+                           ("img_size", "--img-size", None if img_size is None else parse_img_size(img_size))):
+        if val is None:
+            continue
+        if key in ("num_classes", "in_chans") and val <= 0:
+            raise click.UsageError(f"{flag} must be positive, got {val}")
+        if key in args and args[key] != val:
+            raise click.UsageError(f"{flag} {val} contradicts --model-kwargs {key}={args[key]!r}; give one")
+        args[key] = val
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise click.UsageError(f"--crop-pct {crop_pct} is out of range; valid: 0 < F <= 1 (1.0 = no crop)")
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise click.UsageError(f"--interpolation {interpolation!r} is unknown; valid: {', '.join(INTERPOLATIONS)}")
+    if std and any(v <= 0 for v in std):
+        raise click.UsageError(f"--std values must be positive, got {list(std)}")
+    pre = {"mean": list(mean) or None, "std": list(std) or None, "crop_pct": crop_pct, "interpolation": interpolation}
+    labels = read_labels(labels_file) if labels_file is not None else None
+    return args, {k: v for k, v in pre.items() if v is not None}, labels
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,7 +29,12 @@ from typing import Any
 
 import click
 
-from .cli_common import PRESETS, _check_device, _Command, _fail, _setup_logging, _sha256
+from .cli_common import PRESETS, _check_device, _Command, _fail, _interrupted, _kept_or_removed, _plan_totals, _resume_line, \
+    _setup_logging, _sha256
+
+from maskaq.recipes import RECIPES, method_names  # noqa: E402
+
+DENSE_METHODS = method_names(dense=True)
 
 DENSE_EPILOG = """\b
 Examples:
@@ -76,8 +81,8 @@ def is_dense_model(name: str | None) -> bool:
 @click.option("--bits", "w_bits", type=int, required=True, metavar="W",
               help="Weight bit width, 2-8 (also the activation width unless --a-bits).")
 @click.option("--a-bits", "a_bits", type=int, default=None, metavar="A", help="Activation bit width, 2-8.")
-@click.option("--method", type=click.Choice(("maskaq", "mimiq", "psaq", "noise")), default="maskaq", show_default=True,
-              help="Calibration data: MaskAQ synthesis, MimiQ, PSAQ-ViT or Gaussian noise.")
+@click.option("--method", type=click.Choice(DENSE_METHODS), default="maskaq", show_default=True,
+              help="Method (maskaq.recipes): " + "; ".join(f"{n}: {RECIPES[n].title}" for n in DENSE_METHODS) + ".")
 @click.option("--quantize", "scope", type=click.Choice(("backbone", "all")), default="backbone", show_default=True,
               help="backbone: the Swin backbone; all: the neck and heads too.")
 @click.option("--input-size", default=None, metavar="HxW",
@@ -96,14 +101,15 @@ def is_dense_model(name: str | None) -> bool:
 @click.option("--device", default="cpu", show_default=True, metavar="cpu|cuda|cuda:N", help="Where to compute.")
 @click.option("--run-dir", default=None, metavar="DIR", help="Run directory [default: OUT_DIR.run/].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoints.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars, no summary.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress, no summary (errors only).")
+@click.option("--verbose", "-v", is_flag=True, help="Log every step (INFO) on stderr.")
 @click.option("-o", "--output", required=True, metavar="OUT_DIR", help="Output directory (must not exist or be empty).")
 @click.pass_context
 def dense_main(ctx: click.Context, model: str, checkpoint: str | None, random_weights: bool, w_bits: int,
                a_bits: int | None, method: str, scope: str, input_size: str | None, canvas: str | None,
                test_scale: str | None, preset: str,
                overrides: tuple[str, ...], keep_first_last_8bit: bool, opset: int, seed: int, device: str,
-               run_dir: str | None, resume: bool, quiet: bool, output: str) -> None:
+               run_dir: str | None, resume: bool, quiet: bool, verbose: bool, output: str) -> None:
     """Quantize a dense Swin model (Mask R-CNN, Cascade Mask R-CNN, UperNet) without data and export
     its QDQ graphs.
 
@@ -111,17 +117,19 @@ def dense_main(ctx: click.Context, model: str, checkpoint: str | None, random_we
     tiny_cascade_mask_rcnn, tiny_upernet: tiny random models).
     """
     t_start = time.perf_counter()
-    _setup_logging(quiet)
+    _setup_logging(quiet, verbose)
+    argv = list(getattr(ctx.command, "argv", []) or [])
     from maskaq.calibration import CalibError
     from maskaq.dense.checkpoint import CheckpointError
-    from maskaq.dense.export import DenseExportError
-    from maskaq.dense.quantize import DENSE_MODELS, DenseError, DenseRunConfig, export_dense, run_dense_pipeline
+    from maskaq.dense.quantize import DENSE_MODELS, DenseError, DenseRunConfig, run_dense_pipeline
     from maskaq.io import atomic_write_json
+    from maskaq.models import ModelError
     from maskaq.pipeline import PipelineError
     from maskaq.presets import PresetError, parse_overrides
     from maskaq.quant import QuantError, check_bits
     from maskaq.synthesis import SynthesisError
 
+    from .dense_export import DenseExportError, export_dense
     from .onnx_export import SUPPORTED_OPSETS, package_versions
 
     if model not in DENSE_MODELS:
@@ -154,11 +162,13 @@ def dense_main(ctx: click.Context, model: str, checkpoint: str | None, random_we
         _fail(f"run directory parent {str(run_path.parent)!r} does not exist")
 
     known = (DenseError, CheckpointError, DenseExportError, QuantError, PresetError, PipelineError, CalibError,
-             SynthesisError)
+             SynthesisError, ModelError)
     report: dict[str, Any] = {"schema": "maskaq-dense-export-report/1",
                               "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in ctx.params.items()}}
     timings: dict[str, Any] = {}
     tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    created = False
+    totals: tuple[int | None, int | None] = (None, None)
     try:
         check_bits(w_bits)
         check_bits(a_bits if a_bits is not None else w_bits)
@@ -166,13 +176,18 @@ def dense_main(ctx: click.Context, model: str, checkpoint: str | None, random_we
                              a_bits=a_bits if a_bits is not None else w_bits, keep_first_last_8bit=keep_first_last_8bit,
                              scope=scope, input_size=hw, preset=preset, overrides=parse_overrides(overrides), seed=seed,
                              random_weights=random_weights)
+        totals = _plan_totals(cfg.plan())
+        if resume:  # say what is reused, or refuse: nothing to resume / other settings
+            _resume_line(run_path, cfg.to_json(), totals, quiet)
         created = not run_path.exists()
         t0 = time.perf_counter()
         try:
             res = run_dense_pipeline(cfg, run_path, resume=resume, device=device, progress=not quiet)
+        except KeyboardInterrupt:
+            raise
         except BaseException:
-            if created and not resume:  # nothing half-written: drop the run directory we made
-                shutil.rmtree(run_path, ignore_errors=True)
+            if created and not _kept_or_removed(run_path, created, totals).startswith("checkpoints kept"):
+                created = False  # removed: nothing half-written is left behind
             raise
         timings["pipeline_s"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
@@ -200,8 +215,13 @@ def dense_main(ctx: click.Context, model: str, checkpoint: str | None, random_we
             shutil.rmtree(tmp, ignore_errors=True)
     except click.UsageError:
         raise
+    except KeyboardInterrupt as e:
+        _interrupted(e, run_path, created, argv, totals)
     except known as e:
-        _fail(str(e))
+        kept = ""
+        if created and run_path.exists():  # work was done: its checkpoints stay
+            kept = f" ({_kept_or_removed(run_path, False, totals)}; fix the cause and rerun the same command with --resume)"
+        _fail(f"{e}{kept}")
     if not quiet:
         size = sum(f["bytes"] for f in files.values())
         click.echo(f"wrote {out}/ ({', '.join(Path(f['path']).name for f in files.values())}; {size / 1e6:.2f} MB, "

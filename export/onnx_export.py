@@ -7,8 +7,8 @@ Pipeline of one export (every step a function below)::
       --torch.onnx.export(dynamo=True, custom_translation_table)--> graph with
             activations: Clip(bounds from s, z) -> QuantizeLinear -> DequantizeLinear
             weights:     W -> QuantizeLinear(axis 0) -> integer Clip -> DequantizeLinear
-      --_optimize (constant folding, no initializer de-duplication)-->
-      --_rewrite_qdq--> the encodings below, every tensor named after its quantizer
+      --fold_constants (constant folding, no initializer de-duplication)-->
+      --rewrite_quantizers--> the encodings below, every tensor named after its quantizer
       --metadata, checker--> OUT.onnx (+ OUT.encodings.json), written atomically
 
 Encodings (docs/export-notes.md):
@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ExportError",
+    "fold_constants",
+    "rewrite_quantizers",
+    "translation_table",
     "ExportResult",
     "export_onnx",
     "block_quantize",
@@ -186,7 +189,7 @@ def translation_table(opset: int) -> dict[Callable, Callable]:
 def _rewrite_rules(keep_relu: bool) -> Any:
     """onnxscript's default rewrite rules; ``keep_relu`` drops the Relu/Clip fusion, which would
     merge a ReLU into the Clip of a following activation quantizer (CNN heads: conv -> ReLU ->
-    quantized conv) and so hide the quantizer's own range from :func:`_rewrite_qdq`."""
+    quantized conv) and so hide the quantizer's own range from :func:`rewrite_quantizers`."""
     from onnxscript import rewriter
 
     if not keep_relu:
@@ -199,7 +202,7 @@ def _rewrite_rules(keep_relu: bool) -> Any:
     return tuple(r for r in rules if id(r) not in drop)
 
 
-def _optimize(model: Any, keep_relu: bool = False) -> None:
+def fold_constants(model: Any, keep_relu: bool = False) -> None:
     """Constant folding and clean-up on the ``onnx_ir`` model, like torch's default
     ``optimize=True`` but without de-duplicating initializers (that would merge equal-valued
     scales of different quantizers and lose their names). Q/DQ are never folded.
@@ -273,7 +276,7 @@ def _tensor(name: str, arr: np.ndarray, storage: str | None = None) -> onnx.Tens
     return numpy_helper.from_array(np.array(arr, order="C", copy=True), name)
 
 
-def _rewrite_qdq(model: onnx.ModelProto, records: dict[str, QuantRecord], *, int4_block: int | None,
+def rewrite_quantizers(model: onnx.ModelProto, records: dict[str, QuantRecord], *, int4_block: int | None,
                  shared_modules: bool = False) -> None:
     """Rebuild every quantizer's nodes in its final encoding, named after the quantizer.
 
@@ -539,6 +542,12 @@ def _metadata(
         quant = {"profile": "fp32", "method": quant["method"]}
     if qcfg.get("keep_first_last_8bit"):
         quant["keep_first_last_8bit"] = True
+    if qcfg.get("keep_8bit") and records:
+        quant["keep_8bit"] = list(qcfg["keep_8bit"])
+    if int4_block is None:  # mixed widths: every quantizer whose width differs from its kind's
+        mixed = {n: int(r.bits) for n, r in records.items() if r.bits != (w_bits if r.kind == "weight" else a_bits)}
+        if mixed:
+            quant["mixed_bits"] = mixed
     if int4_block is not None:
         quant["block_size"] = int4_block
     if conversions:
@@ -614,6 +623,7 @@ def export_onnx(
     source: dict[str, Any] | None = None,
     weight_only_int4_block: int | None = None,
     check: bool = True,
+    write_encodings: bool = True,
 ) -> ExportResult:
     """Export a calibrated fake-quantized model Q to a QDQ ONNX file (docs/onnx-contract.md).
 
@@ -632,6 +642,7 @@ def export_onnx(
         weight_only_int4_block: write the weight-only INT4 artifact instead (block size B along
             the reduction axis, float activations).
         check: run ``onnx.checker.check_model(full_check=True)`` before writing.
+        write_encodings: write the encodings sidecar (off for a float graph, which has none).
 
     Returns:
         :class:`ExportResult`.
@@ -679,12 +690,12 @@ def export_onnx(
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"torch.onnx.export failed for {type(Q).__name__}: {first}") from e
     t2 = time.perf_counter()
-    _optimize(prog.model)
+    fold_constants(prog.model)
     model = prog.model_proto
     del prog, M
     if len(model.graph.output) != 1:
         raise ExportError(f"the model has {len(model.graph.output)} outputs; a classifier must have one (logits)")
-    _rewrite_qdq(model, records, int4_block=int4)
+    rewrite_quantizers(model, records, int4_block=int4)
     model.graph.name = "maskaq"
     model.producer_name = "maskaq"
     model.producer_version = maskaq.__version__
@@ -704,17 +715,20 @@ def export_onnx(
         if check:
             onnx.checker.check_model(model, full_check=True)
         t4 = time.perf_counter()
-        atomic_write_bytes(enc_path, (json.dumps(enc, indent=1) + "\n").encode())
+        if write_encodings:
+            atomic_write_bytes(enc_path, (json.dumps(enc, indent=1) + "\n").encode())
         try:
             atomic_write_bytes(path, data)
         except BaseException:
-            enc_path.unlink(missing_ok=True)
+            if write_encodings:
+                enc_path.unlink(missing_ok=True)
             raise
         size = len(data)
     else:  # > 2 GB: protobuf's limit; weights go to <path>.data beside the file
         external = Path(str(path) + ".data")
         t4 = time.perf_counter()
-        atomic_write_bytes(enc_path, (json.dumps(enc, indent=1) + "\n").encode())
+        if write_encodings:
+            atomic_write_bytes(enc_path, (json.dumps(enc, indent=1) + "\n").encode())
 
         def writer(tmp: str) -> None:
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,

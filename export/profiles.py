@@ -45,7 +45,8 @@ from maskaq.quant import ActQuantizer, WeightQuantizer, qrange
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PROFILES", "Conversion", "convert_for_profile", "storage_dtype", "INT8_RANGE", "UINT8_RANGE"]
+__all__ = ["PROFILES", "Conversion", "convert_for_profile", "storage_dtype", "low_bit_storage", "INT8_RANGE",
+           "UINT8_RANGE"]
 
 PROFILES = ("ort", "tensorrt")
 INT8_RANGE = (-128, 127)
@@ -153,3 +154,25 @@ def convert_for_profile(Q: nn.Module, profile: str, *, copy_model: bool = True) 
                 q.narrow = True
                 changes.append(Conversion(full, "weight", f"narrow grid {list(q.grid())}", moved=moved))
     return M, changes
+
+
+def low_bit_storage(Q: nn.Module, profile: str) -> dict[str, Any] | None:
+    """For ``profile="tensorrt"``: which quantizers are narrower than 8 bit. TensorRT has no
+    integer type below int8, so a b < 8 grid is written as int8 storage that only uses the
+    b-bit values (weights: int8 initializers in ``[-2^(b-1)+1, 2^(b-1)-1]``; activations: a Clip
+    to the b-bit range before an int8 QuantizeLinear): the graph computes what the b-bit model
+    computes, but TensorRT runs it with int8 kernels and int8 weight memory, not b-bit ones.
+    None when every quantizer is 8-bit or the profile is not tensorrt."""
+    if profile != "tensorrt":
+        return None
+    w = sorted({int(m.bits) for m in Q.modules() if isinstance(m, WeightQuantizer) and m.bits < 8})
+    a = sorted({int(m.bits) for m in Q.modules() if isinstance(m, ActQuantizer) and m.bits < 8})
+    nw = sum(1 for m in Q.modules() if isinstance(m, WeightQuantizer) and m.bits < 8)
+    na = sum(1 for m in Q.modules() if isinstance(m, ActQuantizer) and m.bits < 8)
+    if not (nw or na):
+        return None
+    return {"storage": "int8", "weight_bits": w, "activation_bits": a, "weight_quantizers": nw,
+            "activation_quantizers": na,
+            "note": "TensorRT has no sub-8-bit integer type: these grids are stored as int8 holding only the "
+                    "low-bit values (weights) or clipped to the low-bit range before an int8 Q/DQ "
+                    "(activations); accuracy is the low-bit model's, speed and weight size are int8's"}

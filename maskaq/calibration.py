@@ -23,7 +23,6 @@ import hashlib
 import logging
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -65,6 +64,8 @@ __all__ = [
 CALIB_STATE_FORMAT = "maskaq-calib-state/1"
 HEAD_MASKS = ("topk", "none", "cls_attention")
 AUGMENTS = ("simclr", "none")
+AUGMENT_PER = ("batch", "image")
+TRAIN_SCOPES = ("all", "quantizers")
 SSIM_C2 = 0.03**2
 
 
@@ -107,6 +108,23 @@ class CalibConfig:
             Gaussian blur) or ``"none"``.
         refresh_every: regenerate the sample set every R epochs (paper 30; 0 = never). Only acts
             when :func:`calibrate` gets a ``refresh`` callback.
+        augment_per: ``"batch"`` (reference: one draw of the augmentation per batch) or
+            ``"image"``.
+        init: how activation ranges start (:mod:`maskaq.ranges`): ``"lsq"`` (paper: LSQ+ on the
+            first batch), ``"mse"`` (searched on ``init_batches`` calibration batches to minimise
+            each tensor's quantization error), ``"percentile"``, ``"minmax"``.
+        init_batches: calibration batches the range search sees (several, not one).
+        init_percentile: for ``init="percentile"``.
+        weight_clip: ``"mse"`` (per-channel clipping ratio searched at ``b <= 4``, kept while the
+            weights train) or ``"none"`` (paper).
+        holdout: fraction of the calibration samples held back from training (0 = none). Each
+            epoch, and before the first, the calibration objective (L_KD + gamma L_HD, no
+            augmentation) and P-vs-Q top-1 agreement are measured on them; never real labels.
+        keep_best: with a hold-out, end with the state that scored best on it (the initial one
+            included), not necessarily the last one; the result says which was kept.
+        train: which parameters of Q train: ``"all"`` (reference: latent weights, biases,
+            LayerNorm, embeddings, LayerScale, quantizer steps/zero-points) or ``"quantizers"``
+            (only the activation quantizers' steps and zero-points).
     """
 
     epochs: int = 200
@@ -124,15 +142,27 @@ class CalibConfig:
     head_mask_weight: float = 2.0
     augment: str = "simclr"
     refresh_every: int = 30
+    augment_per: str = "batch"
+    init: str = "lsq"
+    init_batches: int = 4
+    init_percentile: float = 99.99
+    weight_clip: str = "none"
+    holdout: float = 0.0
+    keep_best: bool = False
+    train: str = "all"
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> CalibError:
             return CalibError(f"calib.{name}={getattr(self, name)!r} is invalid; valid: {valid}")
 
-        for name in ("epochs", "warmup_gate_epochs", "refresh_every"):
+        for name in ("warmup_gate_epochs", "refresh_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise bad(name, "an integer >= 0")
+        # 0 epochs would leave Q uncalibrated (activation ranges never initialised): refused here,
+        # at parse time, not at export after the synthesis has run
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
+            raise bad("epochs", "an integer >= 1")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise bad("batch_size", "an integer >= 1")
         for name in ("lr", "lr_min", "kd_temperature"):
@@ -153,6 +183,24 @@ class CalibConfig:
             raise bad("head_mask_weight", "a number > 0")
         if self.augment not in AUGMENTS:
             raise bad("augment", ", ".join(AUGMENTS))
+        if self.epochs < 1:
+            raise bad("epochs", "an integer >= 1 (calibration needs at least one epoch)")
+        if self.augment_per not in AUGMENT_PER:
+            raise bad("augment_per", ", ".join(AUGMENT_PER))
+        from .ranges import RANGE_INITS, WEIGHT_CLIPS
+
+        if self.init not in RANGE_INITS:
+            raise bad("init", ", ".join(RANGE_INITS))
+        if self.weight_clip not in WEIGHT_CLIPS:
+            raise bad("weight_clip", ", ".join(WEIGHT_CLIPS))
+        if not isinstance(self.init_batches, int) or isinstance(self.init_batches, bool) or self.init_batches < 1:
+            raise bad("init_batches", "an integer >= 1")
+        if not 50 < float(self.init_percentile) <= 100:
+            raise bad("init_percentile", "a number in (50, 100]")
+        if not 0 <= float(self.holdout) < 1:
+            raise bad("holdout", "a fraction in [0, 1)")
+        if self.train not in TRAIN_SCOPES:
+            raise bad("train", ", ".join(TRAIN_SCOPES))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,6 +222,10 @@ class CalibResult:
     steps: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
     resumed_from: int | None = None
+    #: range initialisation report (:func:`maskaq.ranges.init_ranges`), None for ``init="lsq"``
+    init: dict[str, Any] | None = None
+    #: the guard: hold-out scores per epoch (epoch -1 = the initial state) and which state was kept
+    guard: dict[str, Any] | None = None
 
     @property
     def epoch_losses(self) -> list[float]:
@@ -181,7 +233,7 @@ class CalibResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "steps": self.steps, "timings": self.timings,
-                "resumed_from": self.resumed_from}
+                "resumed_from": self.resumed_from, "init": self.init, "guard": self.guard}
 
 
 # --- data sources ---------------------------------------------------------------------------
@@ -492,6 +544,7 @@ def simclr_augment(
     p_jitter: float = 0.8,
     p_gray: float = 0.2,
     blur_sigma: tuple[float, float] = (0.1, 2.0),
+    per_batch: bool = False,
 ) -> torch.Tensor:
     """SimCLR-style augmentation of a batch in normalised space, per-image parameters drawn from
     ``generator`` (on the CPU, so results do not depend on the device).
@@ -504,6 +557,9 @@ def simclr_augment(
 
     Args:
         x: ``[B, C, H, W]`` normalised images. mean, std: the model's preprocessing (0-1 scale).
+        per_batch: draw one set of parameters for the whole batch (the reference code applies
+            torchvision transforms to a batch tensor, so every image of a batch gets the same
+            crop, flip, jitter and blur); False draws them per image.
 
     Returns:
         Augmented ``[B, C, H, W]`` (same device and dtype).
@@ -513,6 +569,9 @@ def simclr_augment(
     g = generator
 
     def U(*shape: int, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+        if per_batch:  # one draw, shared by every image of the batch
+            one = torch.rand(1, *shape[1:], generator=g, dtype=torch.float64) * (hi - lo) + lo
+            return one.expand(*shape).clone()
         return torch.rand(*shape, generator=g, dtype=torch.float64) * (hi - lo) + lo
 
     # random resized crop (torchvision's sampling: 10 tries, else the whole image) + flip
@@ -552,7 +611,7 @@ def simclr_augment(
     fc = U(B, lo=max(0.0, 1 - cj), hi=1 + cj).to(dev, dt).view(B, 1, 1, 1)
     fs = U(B, lo=max(0.0, 1 - sj), hi=1 + sj).to(dev, dt).view(B, 1, 1, 1)
     fh = U(B, lo=-hj, hi=hj).to(dev, dt).view(B, 1, 1)
-    order = torch.argsort(torch.rand(B, 4, generator=g), dim=1)
+    order = torch.argsort(U(B, 4), dim=1)
     apply_j = U(B) < p_jitter
     ops = ("b", "c", "s", "h") if C == 3 else ("b", "c")
     pix = pix.clone()
@@ -621,9 +680,13 @@ def _dist() -> tuple[bool, int, int]:
     return False, 0, 1
 
 
-def _trainable(Q: nn.Module) -> list[nn.Parameter]:
-    """Every parameter of Q except the fixed zero-points of symmetric activation quantizers."""
+def _trainable(Q: nn.Module, scope: str = "all") -> list[nn.Parameter]:
+    """Every parameter of Q except the fixed zero-points of symmetric activation quantizers
+    (``scope="quantizers"``: only the activation quantizers' steps and zero-points)."""
     fixed = {id(m.zero_point) for _, m in quantizers(Q) if isinstance(m, ActQuantizer) and m.symmetric}
+    if scope == "quantizers":
+        qp = {id(p) for _, m in quantizers(Q) if isinstance(m, ActQuantizer) for p in m.parameters()}
+        fixed |= {id(p) for p in Q.parameters() if id(p) not in qp}
     out = []
     for p in Q.parameters():
         if id(p) in fixed:
@@ -657,6 +720,41 @@ def peek_state(path: str | os.PathLike) -> dict[str, Any] | None:
     """The saved calibration state at ``path`` (``epoch``, ``q_state``, ...) or None if absent."""
     p = Path(path)
     return _read_state(p) if p.is_file() else None
+
+
+def _split_holdout(data: BatchSource, frac: float, seed: int) -> tuple[BatchSource, torch.Tensor | None, Any]:
+    """``(train, held_out, keep)``: a seeded ``frac`` of a sample tensor held back (at least one
+    image, at least one left to train on); ``keep`` indexes the training part (the same indices
+    are taken from refreshed sample sets). Batch sources with ``split_holdout(n, seed)`` split
+    themselves; other sources are not split (None)."""
+    if frac <= 0:
+        return data, None, None
+    if isinstance(data, torch.Tensor):
+        n = data.shape[0]
+        k = min(max(1, int(round(n * frac))), n - 1)
+        if k < 1:
+            return data, None, None
+        perm = torch.randperm(n, generator=_gen(seed, "calib", "holdout"))
+        keep, hold = perm[k:].sort().values, perm[:k].sort().values
+        return data[keep], data[hold], keep
+    if hasattr(data, "split_holdout"):
+        n = len(getattr(data, "files", [])) or 0
+        k = max(1, int(round(n * frac))) if n > 1 else 0
+        if k:
+            train, held = data.split_holdout(k, seed)  # type: ignore[union-attr]
+            return train, held, None
+    log.warning("calibration guard off: this batch source cannot hold samples back (pass a tensor)")
+    return data, None, None
+
+
+def _first_batches(data: BatchSource, k: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    it, _ = _epoch_batches(data, 0, batch_size, seed)
+    out = []
+    for b in it:
+        out.append(b)
+        if len(out) >= k:
+            break
+    return out
 
 
 def calibrate(
@@ -725,9 +823,10 @@ def calibrate(
         data_config = DataConfig.from_model(P)
     P.to(device).eval()
     Q.to(device).eval()
-    params = _trainable(Q)
+    params = _trainable(Q, cfg.train)
     if not params:
         raise CalibError("Q has no trainable parameters")
+    data, held, keep_idx = _split_holdout(data, float(cfg.holdout), seed)
     opt = torch.optim.SGD(params, lr=cosine_lr(cfg, start_epoch), momentum=cfg.momentum,
                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     result = CalibResult()
@@ -748,7 +847,13 @@ def calibrate(
         result.resumed_from = first_epoch
         if st.get("rng") is not None:
             torch.set_rng_state(st["rng"]["torch"])
+        result.init = st.get("init")
+        guard_state = st.get("guard")
         log.info("resuming calibration at epoch %d of %d from %s", first_epoch, cfg.epochs, ckpt)
+
+    else:
+        guard_state = None
+        result.init = _initial_ranges(Q, data, cfg, seed, device)
 
     R = cfg.refresh_every
     rounds_seen = data_round
@@ -765,6 +870,8 @@ def calibrate(
         training = Q.training
         log.info("epoch %d: refreshing the sample set (round %d)", epoch, r)
         new = refresh(r)
+        if keep_idx is not None and isinstance(new, torch.Tensor) and new.shape[0] > int(keep_idx.max()):
+            new = new[keep_idx]  # the held-out images stay fixed; train on the same number as before
         for p, f in flags:  # the callback may have frozen Q or left gradients behind
             p.requires_grad_(f)
             p.grad = None
@@ -780,7 +887,31 @@ def calibrate(
     def aug(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         if cfg.augment == "none":
             return x
-        return simclr_augment(x, mean, std, g)  # type: ignore[arg-type]
+        return simclr_augment(x, mean, std, g, per_batch=cfg.augment_per == "batch")  # type: ignore[arg-type]
+
+    # the guard (hold-out objective each epoch; keep the best state)
+    guard: dict[str, Any] | None = None
+    if held is not None:
+        guard = guard_state or {"held_out": int(held.shape[0]), "measure": "kd + gamma * hd on held-out samples",
+                                "history": [], "best": None}
+        result.guard = guard
+
+    def score_held() -> dict[str, float]:
+        return _held_out_score(P, Q, held, cfg, device, distill)  # type: ignore[arg-type]
+
+    def consider(epoch: int) -> None:
+        assert guard is not None
+        sc = score_held()
+        rec = {"epoch": epoch, **sc}
+        guard["history"].append(rec)
+        b = guard["best"]
+        if b is None or sc["score"] < b["score"]:
+            guard["best"] = {**rec, "q_state": {k: v.detach().cpu().clone() for k, v in Q.state_dict().items()}}
+        log.info("hold-out after epoch %d: objective %.5f, top-1 agreement %.1f%%", epoch + 1, sc["score"],
+                 100 * sc["agreement"])
+
+    if guard is not None and not guard["history"]:
+        consider(-1)  # the initial state (after the range search): calibration must beat it
 
     record_what: tuple[str, ...] = ()
     if cfg.gamma > 0:
@@ -789,10 +920,9 @@ def calibrate(
     total_epochs = cfg.epochs
     bar = None
     if progress and rank == 0 and first_epoch < total_epochs:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=total_epochs - first_epoch, desc="calibrate", unit="epoch", file=sys.stderr,
-                   disable=None, dynamic_ncols=True)
+        bar = progress_bar(total_epochs - first_epoch, "calibration", "epoch")
     epoch_times: list[float] = []
     init_checked = False
     try:
@@ -884,6 +1014,8 @@ def calibrate(
             epoch_times.append(rec["time_s"])
             log.info("epoch %d/%d loss %.5f (kd %.5f, hd %.5f) lr %.2e%s", epoch + 1, total_epochs, rec["loss"],
                      rec["kd"], rec["hd"], lr, "" if stepping else " [warm-up gate: no step]")
+            if guard is not None:
+                consider(epoch)
             if ckpt is not None:
                 if rank == 0:
                     atomic_torch_save({
@@ -896,6 +1028,8 @@ def calibrate(
                         "scheduler": {"kind": "cosine-per-epoch", "next_epoch": epoch + 1, "lr": lr},
                         "rng": {"torch": torch.get_rng_state()},
                         "history": {"epochs": result.epochs, "steps": result.steps},
+                        "init": result.init,
+                        "guard": guard,
                     }, ckpt)
                 if ddp:
                     torch.distributed.barrier()
@@ -909,12 +1043,81 @@ def calibrate(
             bar.close()
     for p in params:
         p.grad = None
+    if guard is not None and guard["best"] is not None:
+        best = guard["best"]
+        last = guard["history"][-1]
+        kept = "best" if (cfg.keep_best and best["epoch"] != last["epoch"]) else "final"
+        if kept == "best":
+            Q.load_state_dict(best["q_state"], strict=True)
+            log.warning("calibration kept the state after %s (hold-out objective %.5f) instead of the final one "
+                        "(%.5f)", "the range initialisation" if best["epoch"] < 0 else f"epoch {best['epoch'] + 1}",
+                        best["score"], last["score"])
+        result.guard = {k: v for k, v in guard.items() if k != "best"}
+        result.guard["best"] = {k: v for k, v in best.items() if k != "q_state"}
+        result.guard["kept"] = kept
+        result.guard["kept_epoch"] = best["epoch"] if kept == "best" else last["epoch"]
     result.timings.update({
         "total_s": round(time.perf_counter() - t_start, 3),
         "epoch_s": epoch_times,
         "world_size": world,
     })
     return result
+
+
+def _initial_ranges(Q: nn.Module, data: BatchSource, cfg: CalibConfig, seed: int,
+                    device: torch.device) -> dict[str, Any] | None:
+    """Range search before training (:mod:`maskaq.ranges`) on the first ``init_batches``
+    un-augmented training batches; ``init="lsq"`` without weight clipping does nothing here."""
+    if cfg.init == "lsq" and cfg.weight_clip == "none":
+        return None
+    from .ranges import init_ranges
+
+    batches = _first_batches(data, cfg.init_batches, cfg.batch_size, seed)
+    if not batches:
+        raise CalibError("no calibration batches to initialise the ranges on")
+
+    def loop(model: nn.Module) -> None:
+        for b in batches:
+            model(b.to(device=device, dtype=torch.float32))
+
+    rep = init_ranges(Q, loop, method=cfg.init, weight_clip=cfg.weight_clip, percentile=cfg.init_percentile,
+                      seed=derive_seed(seed, "calib", "init"))
+    return {"method": rep["method"], "weight_clip": rep["weight_clip"], "batches": len(batches),
+            "time_s": rep["time_s"], "activations": rep["activations"], "weights": rep["weights"]}
+
+
+@torch.no_grad()
+def _held_out_score(P: nn.Module, Q: nn.Module, held: torch.Tensor, cfg: CalibConfig,
+                    device: torch.device, distill: Callable[[Any, Any], torch.Tensor] | None = None) -> dict[str, float]:
+    """The calibration objective (L_KD + gamma L_HD, no augmentation) and P-vs-Q top-1
+    agreement on the held-out samples."""
+    tot = {"kd": 0.0, "hd": 0.0, "agree": 0.0}
+    n = 0
+    what = ("head_out", "logits") if cfg.head_mask == "cls_attention" else ("head_out",)
+    for i in range(0, held.shape[0], cfg.batch_size):
+        x = held[i:i + cfg.batch_size].to(device=device, dtype=torch.float32)
+        if cfg.gamma > 0:
+            with record_attention(P, what=what) as rp:
+                zp = P(x)
+            with record_attention(Q, what=("head_out",)) as rq:
+                zq = Q(x)
+            weights = None
+            if cfg.head_mask == "cls_attention":
+                weights = cls_attention_weights([r.logits for r in rp], rp[0].geometry.prefix,
+                                                cfg.head_mask_ratio, cfg.head_mask_weight)
+            hd = float(head_distill_loss([r.head_out for r in rp], [r.head_out for r in rq], _prefixes(rp),
+                                         mask=cfg.head_mask, ratio=cfg.head_mask_ratio, high=cfg.head_mask_weight,
+                                         weights=weights))
+        else:
+            zp, zq, hd = P(x), Q(x), 0.0
+        b = x.shape[0]
+        tot["kd"] += float(kd_loss(zq, zp, cfg.kd_temperature) if distill is None else distill(zq, zp)) * b
+        tot["hd"] += hd * b
+        if distill is None and zp.dim() == 2:
+            tot["agree"] += float((zp.argmax(1) == zq.argmax(1)).float().sum())
+        n += b
+    kd, hd = tot["kd"] / n, tot["hd"] / n
+    return {"score": kd + cfg.gamma * hd, "kd": kd, "hd": hd, "agreement": tot["agree"] / n}
 
 
 # --- PSAQ-ViT's plain min/max PTQ -------------------------------------------------------------

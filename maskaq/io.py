@@ -46,4 +46,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` atomically, byte-reproducibly: torch names the zip's inner folder after the
+    file it is given a path to (here a random temp name), so it is given an open file instead
+    (inner folder ``archive``, whatever the file is called); same object, same bytes."""
+    def w(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, w)

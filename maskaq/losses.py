@@ -1,4 +1,5 @@
-"""Sample-synthesis losses (method.md §2, Eq. 1-15) and PSAQ-ViT's patch-similarity entropy (§4).
+"""Sample-synthesis losses (method.md §2, Eq. 1-15), PSAQ-ViT's patch-similarity entropy and
+image prior (§4, §6) and SPDFQ's attention priors, crops and soft labels (§7).
 
 Every loss is a pure tensor function: attention maps come in as lists of per-layer tensors (as
 :func:`maskaq.qmodel.record_attention` yields them), randomness as a ``torch.Generator``. Nothing
@@ -34,6 +35,17 @@ __all__ = [
     "adaptive_mask",
     "maa_loss",
     "psaq_entropy_loss",
+    "tv_l2",
+    "size_factor",
+    "scaled_offset",
+    "gmm_priors",
+    "cls_attention",
+    "window_mean_attention",
+    "apa_loss",
+    "msr_boxes",
+    "msr_crops",
+    "soft_targets",
+    "soft_ce",
 ]
 
 _LOG_2PIE = math.log(2.0 * math.pi * math.e)
@@ -498,3 +510,192 @@ def psaq_entropy_loss(head_outs: Sequence[torch.Tensor], prefix: int | Sequence[
         ent = torch.trapezoid(-pdf * torch.log(pdf), xs, dim=-1)  # [B']
         total = total - ent.mean()
     return total
+
+
+# --- PSAQ-ViT's total variation (method.md §6) -----------------------------------------------
+
+def tv_l2(x: torch.Tensor) -> torch.Tensor:
+    """PSAQ-ViT's (DeepInversion's) image prior: the sum of the four whole-batch L2 norms of the
+    horizontal, vertical and both diagonal pixel differences, *without* the 1/sqrt(2) of Eq. 2.
+
+    Example (the 3x3 ramp of :func:`tv_loss`): ``sqrt6 + sqrt54 + 4 + 8``.
+    """
+    d_h = x[..., :, :-1] - x[..., :, 1:]
+    d_v = x[..., :-1, :] - x[..., 1:, :]
+    d_a = x[..., 1:, :-1] - x[..., :-1, 1:]
+    d_d = x[..., :-1, :-1] - x[..., 1:, 1:]
+    n = torch.linalg.vector_norm
+    return n(d_h) + n(d_v) + n(d_a) + n(d_d)
+
+
+def size_factor(height: int, width: int, ref: int) -> float:
+    """``ref / sqrt(H * W)``: multiplying a whole-batch TV norm by it gives the value the same
+    roughness would have at ``ref x ref`` px (a norm grows with the square root of the pixel
+    count). Exactly 1.0 at ``H = W = ref``; 1.0 when ``ref`` is 0 (scaling off)."""
+    if ref <= 0 or (height == ref and width == ref):
+        return 1.0
+    return ref / math.sqrt(height * width)
+
+
+def scaled_offset(limit: int, size: int, ref: int) -> int:
+    """A roll limit given in px at ``ref`` px, for an image side of ``size`` px:
+    ``floor(limit * size / ref + 0.5)``, at least 1 when ``limit > 0``. Exactly ``limit`` at
+    ``size = ref`` (and when ``ref`` is 0: scaling off). 28 px: 8 -> 1, 16 -> 2, 15 -> 2, 30 -> 4."""
+    if limit <= 0:
+        return 0
+    if ref <= 0 or size == ref:
+        return int(limit)
+    return max(1, int(math.floor(limit * size / ref + 0.5)))
+
+
+# --- SPDFQ (method.md §7) --------------------------------------------------------------------
+
+def gmm_priors(generator: torch.Generator, shape: tuple[int, ...], grid: tuple[int, int], *,
+               cls_mass: bool = True, max_components: int = 5, mean_range: float = 5.0,
+               cov_scale: float = 10.0, eig_max: float = 5.0, eig_min: float = 1e-3,
+               max_redraws: int = 100) -> torch.Tensor:
+    """SPDFQ's random attention priors (Attention Priors Alignment).
+
+    For every prior (one per entry of ``shape``, e.g. ``(images, heads)``): ``k ~ U{1..max}``
+    Gaussian components on the ``grid`` (``gh x gw`` points ``linspace(-5, 5)`` per axis);
+    each mean ``~ U(-5, 5)^2``; covariance ``A A^T`` with ``A = 10 * U(0,1)^{2x2}``, its
+    eigenvalues clipped to ``[0, 5]``; a covariance whose smallest clipped eigenvalue is below
+    ``eig_min`` (singular: no density) is redrawn. The prior is the maximum over the
+    components of their densities on the grid, normalised to sum ``1 - u`` with
+    ``u ~ U(0, 1)`` (the CLS keeps ``u``), or to 1 with ``cls_mass=False`` (Swin: ``u = 0``).
+
+    Drawn on ``generator`` (CPU for device-independent draws). Returns ``[*shape, gh*gw]``.
+    """
+    n = int(math.prod(shape))
+    gh, gw = int(grid[0]), int(grid[1])
+    K = int(max_components)
+    g = generator
+    k = torch.randint(1, K + 1, (n,), generator=g, device=g.device)
+    mu = (torch.rand((n, K, 2), generator=g, device=g.device) * 2 - 1) * mean_range
+    A = cov_scale * torch.rand((n, K, 2, 2), generator=g, device=g.device)
+    for _ in range(max_redraws + 1):
+        evals, evecs = torch.linalg.eigh(A @ A.transpose(-1, -2))
+        evals = evals.clamp(0.0, eig_max)
+        bad = evals.min(dim=-1).values < eig_min
+        if not bool(bad.any()):
+            break
+        A = torch.where(bad[..., None, None], cov_scale * torch.rand((n, K, 2, 2), generator=g, device=g.device), A)
+    else:
+        raise ValueError(f"could not draw non-singular prior covariances in {max_redraws} redraws")
+    cov = evecs @ torch.diag_embed(evals) @ evecs.transpose(-1, -2)
+    ys = torch.linspace(-mean_range, mean_range, gh, device=g.device)
+    xs = torch.linspace(-mean_range, mean_range, gw, device=g.device)
+    pts = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).reshape(-1, 2)  # [P, 2]
+    d = pts.view(1, 1, -1, 2) - mu.unsqueeze(2)  # [n, K, P, 2]
+    inv = torch.linalg.inv(cov)
+    m = torch.einsum("nkpi,nkij,nkpj->nkp", d, inv, d)
+    dens = torch.exp(-0.5 * m) / (2 * math.pi * torch.sqrt(torch.linalg.det(cov))).unsqueeze(-1)
+    used = torch.arange(K, device=g.device).view(1, K) < k.view(n, 1)
+    dens = torch.where(used.unsqueeze(-1), dens, torch.zeros_like(dens))
+    prior = dens.max(dim=1).values  # [n, P]
+    prior = prior / prior.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    if cls_mass:
+        u = torch.rand((n, 1), generator=g, device=g.device)
+        prior = prior * (1 - u)
+    return prior.view(*shape, gh * gw)
+
+
+def cls_attention(probs: torch.Tensor, prefix: int = 1) -> torch.Tensor:
+    """Post-softmax CLS -> patch attention of one ViT/DeiT layer, per head: ``probs[:, :, 0,
+    prefix:]`` (``[B, H, G*G]``; prefix columns such as a distillation token dropped)."""
+    if prefix < 1:
+        raise ValueError("cls_attention needs a CLS token (prefix >= 1); for Swin use window_mean_attention")
+    return probs[:, :, 0, prefix:]
+
+
+def window_mean_attention(probs: torch.Tensor, batch: int) -> torch.Tensor:
+    """Swin's stand-in for the CLS row (SPDFQ: "the attention averaged over all tokens"): the
+    post-softmax attention averaged over all queries of all windows of each image, per head,
+    ``[B*nW, H, N, N] -> [B, H, N]`` (each row sums to 1)."""
+    bw, h, n, _ = probs.shape
+    if bw % batch:
+        raise ValueError(f"{bw} attention entries do not split into {batch} images")
+    return probs.view(batch, bw // batch, h, n, n).mean(dim=(1, 3))
+
+
+def apa_loss(rows: Sequence[torch.Tensor], priors: Sequence[torch.Tensor], depth: Sequence[int],
+             num_layers: int) -> torch.Tensor:
+    """SPDFQ's Attention Priors Alignment:
+    ``sum_l (l / L) * sum_h MSE(A_{l,h}, prior_{l,h})`` over the given layers.
+
+    Args:
+        rows: per layer ``[B, H, P]`` attention rows (:func:`cls_attention` /
+            :func:`window_mean_attention`).
+        priors: per layer ``[B, H, P]`` (:func:`gmm_priors`), same shapes.
+        depth: the 1-based depth ``l`` of each layer; num_layers: ``L``.
+
+    MSE is the mean over images and patches, summed over heads.
+    """
+    if len(rows) != len(priors) or len(rows) != len(depth):
+        raise ValueError(f"got {len(rows)} attention rows, {len(priors)} priors, {len(depth)} depths")
+    total = rows[0].new_zeros(()) if rows else torch.zeros(())
+    for a, p, l in zip(rows, priors, depth):
+        if a.shape != p.shape:
+            raise ValueError(f"attention rows {tuple(a.shape)} and priors {tuple(p.shape)} differ in shape")
+        total = total + (l / num_layers) * (a - p.to(a)).square().mean(dim=(0, 2)).sum()
+    return total
+
+
+def msr_boxes(generator: torch.Generator, height: int, width: int, max_crops: int = 4,
+              min_frac: float = 0.25, max_frac: float = 0.5, tries: int = 50) -> list[tuple[int, int, int, int]]:
+    """SPDFQ's Multi-Semantic Reinforcement regions of one image: ``m ~ U{1..max_crops}``
+    non-overlapping boxes ``(top, left, height, width)`` in px, sides uniform in
+    ``[ceil(min_frac*side), floor(max_frac*side)]`` and positions uniform [I]; a box that
+    overlaps an earlier one is redrawn (up to ``tries`` times, then that box is dropped, so
+    at least one box is always returned)."""
+    g = generator
+
+    def ri(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=g, device=g.device))
+
+    m = ri(1, max(1, int(max_crops)))
+    hmin, hmax = max(1, math.ceil(min_frac * height)), max(1, int(max_frac * height))
+    wmin, wmax = max(1, math.ceil(min_frac * width)), max(1, int(max_frac * width))
+    hmin, wmin = min(hmin, hmax), min(wmin, wmax)
+    boxes: list[tuple[int, int, int, int]] = []
+    for _ in range(m):
+        for _ in range(tries):
+            bh, bw = ri(hmin, hmax), ri(wmin, wmax)
+            t, l = ri(0, height - bh), ri(0, width - bw)
+            if all(t + bh <= t2 or t2 + h2 <= t or l + bw <= l2 or l2 + w2 <= l for t2, l2, h2, w2 in boxes):
+                boxes.append((t, l, bh, bw))
+                break
+    return boxes
+
+
+def msr_crops(x: torch.Tensor, boxes: Sequence[Sequence[tuple[int, int, int, int]]]) -> torch.Tensor:
+    """Crop every box of every image and resize it to the image size (bilinear, the crop alone:
+    a crop's gradient reaches only the pixels of its own box). ``boxes[b]``: the boxes of image
+    ``b`` (:func:`msr_boxes`). Returns ``[total boxes, C, H, W]`` in image-then-box order."""
+    H, W = x.shape[-2:]
+    out = []
+    for b, bx in enumerate(boxes):
+        for t, l, h, w in bx:
+            c = x[b:b + 1, :, t:t + h, l:l + w]
+            out.append(F.interpolate(c, size=(H, W), mode="bilinear", align_corners=False))
+    if not out:
+        return x.new_zeros((0, *x.shape[1:]))
+    return torch.cat(out)
+
+
+def soft_targets(generator: torch.Generator, classes: Sequence[Sequence[int]], num_classes: int,
+                 low: float = 5.0, high: float = 10.0) -> torch.Tensor:
+    """SPDFQ's soft labels: per row ``Z ~ U(0, 1)^C``, then ``Z[c] ~ U(low, high)`` for every
+    class ``c`` of that row (one for a crop, all its crops' classes for a whole image);
+    target ``softmax(Z)``. Returns ``[rows, C]``."""
+    g = generator
+    Z = torch.rand((len(classes), num_classes), generator=g, device=g.device)
+    for i, cs in enumerate(classes):
+        for c in cs:
+            Z[i, int(c)] = low + (high - low) * float(torch.rand((1,), generator=g, device=g.device))
+    return Z.softmax(dim=-1)
+
+
+def soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Soft cross-entropy ``mean_rows -sum_c t_c log softmax(z)_c``."""
+    return -(targets.to(logits) * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()

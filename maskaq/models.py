@@ -35,6 +35,7 @@ __all__ = [
     "load_model",
     "load_checkpoint",
     "save_checkpoint",
+    "check_finite_weights",
     "CHECKPOINT_FORMAT",
 ]
 
@@ -279,6 +280,12 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
             f"{str(path)!r} is not a maskaq checkpoint (no format {CHECKPOINT_FORMAT!r}); "
             "pass it with --checkpoint together with the timm model name it belongs to"
         )
+    missing = [k for k, kind in (("architecture", str), ("data_config", dict), ("state_dict", dict))
+               if not isinstance(obj.get(k), kind)]
+    if missing:
+        raise ModelError(f"maskaq checkpoint {str(path)!r} lacks {', '.join(repr(k) for k in missing)} "
+                         "(a maskaq checkpoint carries architecture, model_args, data_config and state_dict; "
+                         "write it with maskaq.models.save_checkpoint)")
     arch = obj["architecture"]
     args = dict(obj.get("model_args") or {})
     try:
@@ -286,10 +293,45 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedModel:
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"checkpoint {str(path)!r}: cannot build {arch!r} with {args}: {e}") from None
     _strict_load(model, _unwrap_state_dict(obj["state_dict"], path), f"checkpoint {str(path)!r}")
-    dcfg = DataConfig.from_json(obj["data_config"])
+    try:
+        dcfg = DataConfig.from_json(obj["data_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"maskaq checkpoint {str(path)!r}: data_config is not valid ({type(e).__name__}: {e}); "
+                         "it needs input_size [C, H, W], mean and std") from None
     return LoadedModel(_prepare(model), dcfg, arch,
                        {"model": arch, "checkpoint": str(path), "weights": "checkpoint"},
                        obj.get("labels"), args)
+
+
+def _alias_with_weights(ref: LoadedModel, path: Path) -> LoadedModel:
+    """A local alias (``fmnist_vit``) with weights from ``path``: a maskaq checkpoint of the same
+    architecture, or a state dict that fits the alias's model exactly (strict)."""
+    import timm
+
+    obj = _read_state_dict(path)
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        lm = load_checkpoint(path)
+        if lm.name.split(".", 1)[0] != ref.name.split(".", 1)[0] or lm.model_args != ref.model_args:
+            raise ModelError(f"checkpoint {str(path)!r} holds {lm.name!r} {lm.model_args}, not the "
+                             f"{ref.source.get('model')!r} architecture ({ref.name!r} {ref.model_args})")
+        lm.source["model"] = ref.source.get("model", lm.name)
+        return lm
+    model = timm.create_model(ref.name.split(".", 1)[0], pretrained=False, **ref.model_args)
+    _strict_load(model, _unwrap_state_dict(obj, path), f"checkpoint {str(path)!r}")
+    return LoadedModel(_prepare(model), ref.data_config, ref.name,
+                       {"model": ref.source.get("model", ref.name), "checkpoint": str(path), "weights": "checkpoint"},
+                       ref.labels, dict(ref.model_args))
+
+
+def check_finite_weights(model: nn.Module, what: str = "the model") -> None:
+    """Raise :class:`ModelError` naming the first parameter or buffer holding NaN or Inf (checked
+    once, before any work: non-finite weights make every synthesis step and loss non-finite)."""
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for k, t in items:
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+                raise ModelError(f"{what} has non-finite weights: {kind} {k!r} {tuple(t.shape)} holds "
+                                 f"{n_nan} NaN and {n_inf} Inf values; use a checkpoint with finite weights")
 
 
 def load_model(
@@ -330,9 +372,34 @@ def load_model(
             raise ModelError(f"the reference checkpoint for {name!r} is missing ({p}); reinstall maskaq")
         lm = load_checkpoint(p)
         lm.source["model"] = name
+        if checkpoint is not None:  # the alias's architecture with the caller's weights (never ignored)
+            lm = _alias_with_weights(lm, Path(checkpoint))
+        elif not pretrained:  # the alias's architecture, random weights (from the global RNG)
+            m = timm.create_model(lm.name.split(".", 1)[0], pretrained=False, **lm.model_args)
+            lm = LoadedModel(_prepare(m), lm.data_config, lm.name,
+                             {"model": name, "checkpoint": None, "weights": "random"}, lm.labels, lm.model_args)
         lm.model.to(device)
         return lm
-    if os.path.isfile(name) and checkpoint is None:
+    if os.path.isfile(name) and checkpoint is not None:
+        raise ModelError(f"MODEL {name!r} is a weights file (it carries its own weights); "
+                         "--checkpoint does not apply to it")
+    if os.path.isdir(name) and checkpoint is None:  # timm hub-style folder (issue 13)
+        from .byo import load_hub_folder
+
+        model, dcfg, arch_h, args_h, labels_h, source_h, msg = load_hub_folder(name, model_args)
+        if msg:
+            logging.getLogger("maskaq.byo").info("%s", msg)
+        return LoadedModel(_prepare(model).to(device), dcfg, arch_h, source_h, labels_h, args_h)
+    if os.path.isfile(name):
+        obj = _read_state_dict(Path(name))
+        if obj.get("format") != CHECKPOINT_FORMAT:  # a bare timm state dict: build it from its tensors
+            from .byo import FAMILY_DEFAULT_ARCH, family_of
+
+            fam = family_of(_unwrap_state_dict(obj, Path(name)))
+            if fam is None:
+                raise ModelError(f"{name!r} is neither a maskaq checkpoint nor a timm ViT/DeiT/Swin state dict; "
+                                 "pass the timm model name with --checkpoint PATH")
+            return load_model(FAMILY_DEFAULT_ARCH[fam], checkpoint=name, device=device, **model_args)
         lm = load_checkpoint(name)
         lm.model.to(device)
         return lm
@@ -347,12 +414,33 @@ def load_model(
                 raise ModelError(f"checkpoint {str(path)!r} holds {lm.name!r}, not {arch!r}")
             lm.model.to(device)
             return lm
-        model = timm.create_model(full, pretrained=False, **model_args)
-        _strict_load(model, _unwrap_state_dict(obj, path), f"checkpoint {str(path)!r}")
+        sd = _unwrap_state_dict(obj, path)
+        from .byo import FAMILY_DEFAULT_ARCH, family_of, infer_model_args
+
+        fam = family_of(sd)
+        if fam is not None:
+            model_args, msg = infer_model_args(full, sd, model_args, what=str(path))
+            if fam == "deit_distilled" and "distilled" not in arch:
+                full = arch = FAMILY_DEFAULT_ARCH[fam]  # dist_token + head_dist: timm's distilled class
+                msg += f"; built as {arch}"
+            elif fam == "swin" and not arch.startswith("swin"):
+                raise ModelError(f"checkpoint {str(path)!r} holds a Swin state dict but {arch!r} is not a Swin model; "
+                                 f"use e.g. {FAMILY_DEFAULT_ARCH['swin']}")
+            elif fam == "vit" and arch.startswith("swin"):
+                raise ModelError(f"checkpoint {str(path)!r} holds a ViT state dict but {arch!r} is a Swin model; "
+                                 f"use e.g. {FAMILY_DEFAULT_ARCH['vit']}")
+            logging.getLogger("maskaq.byo").info("%s", msg)
+        try:
+            model = timm.create_model(full, pretrained=False, **model_args)
+        except Exception as e:  # noqa: BLE001 - timm raises TypeError/ValueError/AssertionError
+            raise ModelError(f"cannot build {full!r} with {model_args}: {type(e).__name__}: {e}") from None
+        _strict_load(model, sd, f"checkpoint {str(path)!r}")
         source = {"model": full, "checkpoint": str(path), "weights": "checkpoint"}
     elif pretrained:
         try:
             model = timm.create_model(full, pretrained=True, **model_args)
+        except TypeError as e:
+            raise ModelError(f"cannot build {full!r} with {model_args}: {e}") from None
         except Exception as e:  # noqa: BLE001 - hub/network failures come in many types
             raise ModelError(
                 f"cannot fetch pretrained weights for {full!r} ({type(e).__name__}); offline? "
@@ -361,7 +449,10 @@ def load_model(
             ) from None
         source = {"model": full, "checkpoint": None, "weights": "timm-hub"}
     else:
-        model = timm.create_model(full, pretrained=False, **model_args)
+        try:
+            model = timm.create_model(full, pretrained=False, **model_args)
+        except Exception as e:  # noqa: BLE001 - timm raises TypeError/ValueError/AssertionError
+            raise ModelError(f"cannot build {full!r} with {model_args}: {type(e).__name__}: {e}") from None
         source = {"model": full, "checkpoint": None, "weights": "random"}
     model = _prepare(model).to(device)
     return LoadedModel(model, DataConfig.from_model(model), full, source, None, dict(model_args))

@@ -83,6 +83,12 @@ def read_params(model: nn.Module) -> QuantParams:
             "scale": _floats(s.scale), "zero_point": [int(v) for v in _floats(s.zero_point)],
             "enabled": s.enabled,
         }
+    # weight clipping ratios (range search): recorded so that loading restores the same scales
+    mods = dict(model.named_modules())
+    for name, e in out.items():
+        m = mods[name]
+        if isinstance(m, WeightQuantizer) and m.clip.numel():
+            e["clip"] = _floats(m.clip)
     return QuantParams(out)
 
 
@@ -114,6 +120,7 @@ def load_params(model: nn.Module, params: QuantParams, check_weights: bool = Tru
                 m.sync_flags()
         else:
             m.narrow = bool(e["narrow"])
+            m.set_clip(torch.tensor(e["clip"], dtype=torch.float32) if e.get("clip") else None)
             if check_weights:
                 owner = mods[name.rpartition(".")[0]]
                 have = _floats(m.scale_for(owner.weight))

@@ -1,19 +1,10 @@
 """The pipeline: load -> quantize -> synthesise -> calibrate (with refresh) -> save.
 
-Stages never call each other; this module sequences them (design.md). The methods of
-method.md §4 share the quantizer and the calibration and differ only in their data and in a few
-switches:
-
-========  =====================================================  ================================
-method    calibration data                                       calibration
-========  =====================================================  ================================
-maskaq    synthesis, full objective (Eq. 15) with the current Q;  KD + masked L_HD
-          the whole set regenerated every R epochs (refresh)
-mimiq     synthesis with P only (IHA + CE + TV), once             KD + unmasked L_HD
-psaq      PSAQ-ViT synthesis with P only, once                    plain min/max PTQ (no training)
-noise     N(0, 1) images                                          KD + masked L_HD (as maskaq)
-real      real images (a folder, or a tensor from the caller)     KD + masked L_HD (as maskaq)
-========  =====================================================  ================================
+Stages never call each other; this module sequences them (design.md). The methods share the
+quantizer and the calibration; each is one declarative recipe in :mod:`maskaq.recipes` (its
+data, synthesis objective and settings, image budget, calibration stage, ablations), which
+:func:`resolve_plan` applies between the budget preset and the user's overrides. ``METHODS``
+lists the registered ones (maskaq, mimiq, psaq, psaq_maskaq_settings, spdfq, noise, real).
 
 MaskAQ ablations (paper Table 2): ``no_de``, ``no_maa``, ``no_calib_mask``, ``no_refresh``.
 
@@ -24,6 +15,7 @@ rebuild Q without re-running synthesis: :func:`load_calibrated`), ``params.json`
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -48,10 +40,11 @@ from .calibration import (
     peek_state,
 )
 from .io import atomic_torch_save, atomic_write_json
-from .models import DataConfig, LoadedModel, ModelError, load_model
+from .models import DataConfig, LoadedModel, ModelError, check_finite_weights, load_model
 from .params import QuantParams, read_params
 from .presets import Preset, PresetError, apply_overrides, get_preset
 from .qmodel import QuantConfig, prepare_model, quantize_model
+from .recipes import RECIPES, get_recipe, method_names
 from .synthesis import SynthConfig, SynthResult, synthesize
 
 log = logging.getLogger(__name__)
@@ -71,10 +64,13 @@ __all__ = [
     "load_image",
     "IMAGE_EXTENSIONS",
     "CALIBRATED_FORMAT",
+    "Checkpoints",
+    "read_checkpoints",
+    "check_resumable",
 ]
 
-METHODS = ("maskaq", "mimiq", "psaq", "noise", "real")
-ABLATIONS = ("no_de", "no_maa", "no_calib_mask", "no_refresh")
+METHODS = method_names()
+ABLATIONS = tuple(a for r in RECIPES.values() for a in r.ablations)
 CALIBRATED_FORMAT = "maskaq-calibrated/1"
 RUN_SCHEMA = "maskaq-run/1"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -93,7 +89,8 @@ class RunConfig:
     Args:
         model: alias (``fmnist_vit``, ``deit_t``...), timm name, or a maskaq checkpoint file.
         checkpoint: local weights for ``model`` (``.pth``/``.safetensors``).
-        method: ``maskaq`` | ``mimiq`` | ``psaq`` | ``noise`` | ``real``.
+        method: a registered method (:data:`METHODS`, :mod:`maskaq.recipes`): ``maskaq``,
+            ``mimiq``, ``psaq``, ``psaq_maskaq_settings``, ``spdfq``, ``noise``, ``real``.
         w_bits, a_bits: 2..8. symmetric_activations, narrow_weights, keep_first_last_8bit: see
             :class:`maskaq.qmodel.QuantConfig`.
         preset: ``cpu`` (default), ``paper``, ``tiny``; overrides: dotted keys
@@ -102,7 +99,10 @@ class RunConfig:
         ablations: MaskAQ only: ``no_de``, ``no_maa``, ``no_calib_mask``, ``no_refresh``.
         calib_data: folder of images for ``method="real"``.
         random_weights: build the model with random weights (speed tests; seeded).
-        model_args: extra timm constructor arguments.
+        model_args: extra timm constructor arguments (``--model-kwargs``, ``--img-size``...).
+        keep_8bit: quantizer/layer names or fnmatch patterns kept at 8 bit (``--keep-8bit``).
+        preprocessing: overrides of the model's own ``mean``/``std``/``crop_pct``/``interpolation``.
+        labels: class names in output order (``--labels FILE``), replacing the model's own.
     """
 
     model: str
@@ -120,18 +120,29 @@ class RunConfig:
     calib_data: str | None = None
     random_weights: bool = False
     model_args: Mapping[str, Any] = field(default_factory=dict)
+    keep_8bit: tuple[str, ...] = ()
+    preprocessing: Mapping[str, Any] = field(default_factory=dict)
+    labels: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise PipelineError(f"unknown method {self.method!r}; valid: {', '.join(METHODS)}")
+        object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit or ()))
+        object.__setattr__(self, "preprocessing", {k: v for k, v in dict(self.preprocessing or {}).items()
+                                                   if v is not None})
+        if self.labels is not None:
+            object.__setattr__(self, "labels", tuple(str(x) for x in self.labels))
+        if self.method not in RECIPES:  # the live registry (a method registered later counts)
+            raise PipelineError(f"unknown method {self.method!r}; valid: {', '.join(method_names())}")
         object.__setattr__(self, "ablations", tuple(self.ablations))
         object.__setattr__(self, "overrides", dict(self.overrides))
         object.__setattr__(self, "model_args", dict(self.model_args))
         bad = [a for a in self.ablations if a not in ABLATIONS]
         if bad:
             raise PipelineError(f"unknown ablation(s) {bad}; valid: {', '.join(ABLATIONS)}")
-        if self.ablations and self.method != "maskaq":
-            raise PipelineError(f"ablations {list(self.ablations)} apply to method 'maskaq' only, not {self.method!r}")
+        own = get_recipe(self.method).ablations
+        if any(a not in own for a in self.ablations):
+            owners = sorted({r.name for r in RECIPES.values() for a in self.ablations if a in r.ablations})
+            raise PipelineError(f"ablations {list(self.ablations)} apply to method {' / '.join(repr(o) for o in owners)}"
+                                f" only, not {self.method!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise PipelineError(f"seed {self.seed!r} is not an integer")
         if self.checkpoint is not None:
@@ -143,13 +154,16 @@ class RunConfig:
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(self.w_bits, self.a_bits, self.symmetric_activations, self.narrow_weights,
-                           self.keep_first_last_8bit)
+                           self.keep_first_last_8bit, tuple(self.keep_8bit))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["ablations"] = list(self.ablations)
         d["overrides"] = {k: v for k, v in self.overrides.items()}
         d["model_args"] = json.loads(json.dumps(dict(self.model_args), default=list))
+        d["keep_8bit"] = list(self.keep_8bit)
+        d["preprocessing"] = json.loads(json.dumps(dict(self.preprocessing), default=list))
+        d["labels"] = None if self.labels is None else list(self.labels)
         return json.loads(json.dumps(d, default=str))
 
     @classmethod
@@ -160,6 +174,7 @@ class RunConfig:
             raise PipelineError(f"unknown run settings {unknown}; valid: {', '.join(sorted(names))}")
         d = dict(d)
         d["ablations"] = tuple(d.get("ablations") or ())
+        d["keep_8bit"] = tuple(d.get("keep_8bit") or ())
         return cls(**d)
 
 
@@ -185,41 +200,25 @@ class Plan:
                 "synth_uses_q": self.synth_uses_q, "refresh": self.refresh, "ptq": self.ptq}
 
 
-def _method_overrides(method: str, ablations: Sequence[str]) -> dict[str, Any]:
-    if method == "maskaq":
-        o: dict[str, Any] = {"synth.objective": "maskaq", "synth.use_de": "no_de" not in ablations,
-                             "synth.use_maa": "no_maa" not in ablations, "synth.use_mask": True}
-        if "no_calib_mask" in ablations:
-            o["calib.head_mask"] = "none"
-        if "no_refresh" in ablations:
-            o["calib.refresh_every"] = 0
-        return o
-    if method == "mimiq":  # P only, once; unmasked L_HD
-        return {"synth.objective": "mimiq", "synth.use_de": False, "synth.use_maa": False,
-                "synth.use_mask": False, "calib.head_mask": "none", "calib.refresh_every": 0}
-    if method == "psaq":
-        return {"synth.objective": "psaq", "synth.use_de": False, "synth.use_maa": False,
-                "synth.use_mask": False, "calib.refresh_every": 0}
-    return {"calib.refresh_every": 0}  # noise, real: fixed data
-
-
 def resolve_plan(run_cfg: RunConfig) -> Plan:
-    """Preset -> the method's settings -> the user's overrides (last word).
+    """Preset -> the method's recipe (settings, budget, per-model settings, ablations;
+    :mod:`maskaq.recipes`) -> the user's overrides (last word).
 
     Raises:
         PipelineError: unknown preset or override key, or a value that does not fit.
     """
+    recipe = get_recipe(run_cfg.method)
     try:
         preset = get_preset(run_cfg.preset)
-        preset = apply_overrides(preset, _method_overrides(run_cfg.method, run_cfg.ablations))
+        for o in recipe.overrides_for(preset.name, run_cfg.model, run_cfg.ablations):
+            preset = apply_overrides(preset, o)
         preset = apply_overrides(preset, run_cfg.overrides)
     except PresetError as e:
         raise PipelineError(str(e)) from None
-    m = run_cfg.method
-    synth = preset.synth if m in ("maskaq", "mimiq", "psaq") else None
-    uses_q = bool(synth is not None and synth.objective == "maskaq" and synth.use_maa)
+    synth = preset.synth if recipe.data == "synth" else None
+    uses_q = bool(synth is not None and synth.uses_q)
     refresh = synth is not None and preset.calib.refresh_every > 0
-    return Plan(m, preset, synth, preset.calib, uses_q, refresh, "minmax" if m == "psaq" else "kd")
+    return Plan(run_cfg.method, preset, synth, preset.calib, uses_q, refresh, recipe.ptq)
 
 
 # --- real images ----------------------------------------------------------------------------
@@ -309,6 +308,20 @@ class ImageFolderBatches:
 
     def __len__(self) -> int:
         return math.ceil(len(self.files) / self.batch_size)
+
+    def split_holdout(self, n: int, seed: int) -> tuple["ImageFolderBatches", torch.Tensor]:
+        """``(train, held_out)``: ``n`` seeded files decoded into a tensor (the calibration guard's
+        hold-out), the rest as a batch source of their own."""
+        if not 1 <= n < len(self.files):
+            raise PipelineError(f"cannot hold {n} of {len(self.files)} calibration images back")
+        g = torch.Generator().manual_seed(derive_seed(seed, "real", "holdout"))
+        perm = torch.randperm(len(self.files), generator=g).tolist()
+        hold = sorted(perm[:n])
+        held = torch.stack([self._get(i) for i in hold])
+        train = copy.copy(self)
+        train.files = [f for i, f in enumerate(self.files) if i not in set(hold)]
+        train._cache = {} if self._cache is not None else None
+        return train, held
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = int(epoch)
@@ -452,14 +465,100 @@ def load_calibrated(state_path: str | os.PathLike, device: str | torch.device = 
 
 # --- the pipeline ---------------------------------------------------------------------------
 
+@dataclass
+class Checkpoints:
+    """What a run folder's ``ckpt/`` holds (what ``resume=True`` would reuse).
+
+    ``rounds``: synthesis rounds finished (their images are kept for the current one);
+    ``batches``: round -> finished batches of a round in progress; ``epochs``: calibration epochs
+    finished (``calib.pt``).
+    """
+
+    rounds: list[int] = field(default_factory=list)
+    batches: dict[int, int] = field(default_factory=dict)
+    epochs: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.rounds or any(self.batches.values()) or self.epochs)
+
+    def describe(self, num_batches: int | None = None, epochs: int | None = None) -> str:
+        """``"synthesis round 0 (done), round 1: 3 of 4 batches; calibration: 8 of 16 epochs"``."""
+        parts = []
+        if self.rounds:
+            rs = ", ".join(str(r) for r in self.rounds)
+            parts.append(f"synthesis round{'s' if len(self.rounds) > 1 else ''} {rs} (done)")
+        for r, n in sorted(self.batches.items()):
+            if n:
+                of = f" of {num_batches}" if num_batches else ""
+                parts.append(f"synthesis round {r}: {n}{of} batch{'es' if (num_batches or n) != 1 else ''}")
+        if self.epochs:
+            of = f" of {epochs}" if epochs else ""
+            parts.append(f"calibration: {self.epochs}{of} epoch{'s' if (epochs or self.epochs) != 1 else ''}")
+        return "; ".join(parts) if parts else "nothing"
+
+
+def read_checkpoints(run_dir: str | os.PathLike) -> Checkpoints:
+    """What ``run_dir/ckpt`` holds, without loading any model (classification and dense runs
+    share the layout: ``synth_rNNN.pt`` / ``.json`` per finished round, ``synth_rNNN/batch_*.pt``
+    for a round in progress, ``calib.pt`` with the calibration epoch)."""
+    ck = Path(run_dir) / "ckpt"
+    out = Checkpoints()
+    if not ck.is_dir():
+        return out
+    rounds = {int(p.stem[7:]) for p in ck.glob("synth_r*.json") if p.stem[7:].isdigit()}
+    rounds |= {int(p.stem[7:]) for p in ck.glob("synth_r*.pt") if p.stem[7:].isdigit()}
+    out.rounds = sorted(rounds)
+    for d in sorted(ck.glob("synth_r*")):
+        if d.is_dir() and d.name[7:].isdigit():
+            n = len(list(d.glob("batch_*.pt")))
+            if n:
+                out.batches[int(d.name[7:])] = n
+    st = peek_state(ck / "calib.pt") if (ck / "calib.pt").is_file() else None
+    out.epochs = int(st["epoch"]) if st else 0
+    return out
+
+
+def check_resumable(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> Checkpoints:
+    """What ``--resume`` would reuse in ``run_dir``, after checking it can: the folder holds
+    checkpoints, made with the same run config (``config``: ``RunConfig.to_json()`` or the dense
+    run's).
+
+    Raises:
+        PipelineError: nothing to resume, or the checkpoints belong to another config.
+    """
+    out = Path(run_dir)
+    ck = out / "ckpt"
+    if not _has_checkpoints(ck):
+        why = "does not exist" if not out.exists() else "holds no checkpoints"
+        raise PipelineError(f"nothing to resume: run directory {str(out)!r} {why}; run the same command "
+                            "without --resume to start")
+    stored = ck / "run_config.json"
+    if stored.is_file():
+        with open(stored) as f:
+            old = json.load(f)
+        new = json.loads(json.dumps(dict(config), default=str))
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise PipelineError(
+                f"cannot resume in {str(out)!r}: its checkpoints were made with a different run config "
+                f"(differs in: {', '.join(diff)}); use the same settings or another output directory")
+    return read_checkpoints(out)
+
+
+def _has_checkpoints(ck: Path) -> bool:
+    """Anything besides run_config.json (written before any work) counts."""
+    return ck.is_dir() and any(p.name != "run_config.json" for p in ck.iterdir())
+
+
 def _check_out_dir(out: Path, ck: Path, resume: bool, run_cfg: RunConfig) -> None:
-    if ck.is_dir() and any(ck.iterdir()) and not resume:
+    if _has_checkpoints(ck) and not resume:
         raise PipelineError(
             f"{str(out)!r} already holds checkpoints of a run ({str(ck)!r}); pass --resume "
             "(resume=True) to continue it, or choose another output directory"
         )
     stored = ck / "run_config.json"
-    if resume and stored.is_file():
+    if resume and stored.is_file() and _has_checkpoints(ck):
         with open(stored) as f:
             old = json.load(f)
         new = run_cfg.to_json()
@@ -510,7 +609,7 @@ def run_pipeline(
     out = Path(out_dir)
     ck = out / "ckpt"
     _check_out_dir(out, ck, resume, run_cfg)
-    resumed = bool(resume and ck.is_dir() and any(p.name != "run_config.json" for p in ck.iterdir()))
+    resumed = bool(resume and _has_checkpoints(ck))
     plan = resolve_plan(run_cfg)
     if run_cfg.method == "real" and real_data is None and not run_cfg.calib_data:
         raise PipelineError("method 'real' needs calibration images: set calib_data (--calib-data DIR) "
@@ -518,7 +617,7 @@ def run_pipeline(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         ck.mkdir(exist_ok=True)
-        if not (ck / "run_config.json").is_file():
+        if not resumed or not (ck / "run_config.json").is_file():
             atomic_write_json(ck / "run_config.json", run_cfg.to_json())
     _barrier()
     seed = run_cfg.seed
@@ -532,7 +631,18 @@ def run_pipeline(
         torch.manual_seed(seeds["model"])  # timm initialises from the global RNG
     loaded = load_model(run_cfg.model, checkpoint=run_cfg.checkpoint, pretrained=not run_cfg.random_weights,
                         device=device, **dict(run_cfg.model_args))
+    if run_cfg.preprocessing or run_cfg.labels is not None:
+        from .byo import apply_data_overrides
+
+        loaded.data_config = apply_data_overrides(loaded.data_config, run_cfg.preprocessing)
+        if run_cfg.labels is not None:
+            n_out = int(getattr(loaded.model, "num_classes", len(run_cfg.labels)) or 0)
+            if n_out and len(run_cfg.labels) != n_out:
+                raise ModelError(f"--labels has {len(run_cfg.labels)} class names but the model has {n_out} outputs")
+            loaded.labels = list(run_cfg.labels)
+        loaded.source["preprocessing_overrides"] = dict(run_cfg.preprocessing)
     P = loaded.model.to(device).eval()
+    check_finite_weights(P, f"model {run_cfg.model!r}")  # once, before any work (not after 4 redraws)
     for p in P.parameters():
         p.requires_grad_(False)
     dcfg = loaded.data_config
@@ -591,7 +701,7 @@ def run_pipeline(
     data: Any
     if plan.synth is not None:
         data = synth_round(cur_round)
-    elif run_cfg.method == "noise":
+    elif get_recipe(run_cfg.method).data == "noise":
         g = torch.Generator().manual_seed(seeds["noise"])
         data = torch.randn((plan.num_images, *dcfg.input_size), generator=g)
         last.update(images=data)
@@ -681,8 +791,7 @@ def run_pipeline(
         params.save(out / "params.json")
         imgs = last["images"]
         if imgs is not None:
-            what = {"maskaq": "MaskAQ", "mimiq": "MimiQ", "psaq": "PSAQ-ViT", "noise": "Gaussian noise",
-                    "real": "real"}[run_cfg.method]
+            what = get_recipe(run_cfg.method).title
             rnd = f", round {last['round']}" if plan.synth is not None else ""
             save_sample_grid(imgs, samples_png, mean=dcfg.mean, std=dcfg.std, masks=last["masks"],
                              title=f"{what} calibration samples{rnd}"

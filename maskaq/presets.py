@@ -59,7 +59,8 @@ _PAPER = Preset("paper", 10_000, SynthConfig(steps=2000, batch_size=32),
 #: No warm-up gate: with activation quantizers initialised on the first batch nothing changes
 #: during gated epochs, so on a small budget they are pure cost.
 _CPU = Preset("cpu", 64, SynthConfig(steps=50, batch_size=32),
-              CalibConfig(epochs=16, batch_size=16, refresh_every=8, warmup_gate_epochs=0))
+              CalibConfig(epochs=16, batch_size=16, refresh_every=8, warmup_gate_epochs=0,
+                          init="mse", weight_clip="mse", holdout=0.125, keep_best=True))
 
 #: For tests: seconds on a tiny model; refresh after every epoch so a refresh round runs.
 _TINY = Preset("tiny", 8, SynthConfig(steps=2, batch_size=4),

@@ -38,6 +38,7 @@ __all__ = [
     "quantize_model",
     "quantizers",
     "set_quantizers_enabled",
+    "match_keep_8bit",
     "quantizers_disabled",
     "record_attention",
     "attention_modules",
@@ -53,6 +54,10 @@ class QuantConfig:
         symmetric_activations: activation zero-points fixed at 0 (TensorRT profile).
         narrow_weights: weight grid [-(2^(b-1)-1), 2^(b-1)-1] (TensorRT).
         keep_first_last_8bit: patch embedding and classifier head(s) at 8 bit.
+        keep_8bit: fnmatch patterns over quantizer names (``blocks.3.attn.qkv.input_quantizer``)
+            and layer names (``blocks.3.attn.qkv``: both its quantizers; ``blocks.3.attn``: its
+            four attention quantizers); every match is kept at 8 bit. A pattern that matches
+            nothing is an error.
     """
 
     w_bits: int = 4
@@ -60,10 +65,18 @@ class QuantConfig:
     symmetric_activations: bool = False
     narrow_weights: bool = False
     keep_first_last_8bit: bool = False
+    keep_8bit: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits)
         check_bits(self.a_bits)
+        pats = self.keep_8bit
+        if isinstance(pats, str):
+            pats = (pats,)
+        pats = tuple(str(p).strip() for p in pats)
+        if any(not p for p in pats):
+            raise QuantError("--keep-8bit got an empty pattern; give quantizer or layer names / fnmatch patterns")
+        object.__setattr__(self, "keep_8bit", pats)
 
     @classmethod
     def parse(cls, spec: str, **kw: Any) -> "QuantConfig":
@@ -78,7 +91,9 @@ class QuantConfig:
         return f"{self.w_bits}w{self.a_bits}a"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["keep_8bit"] = list(self.keep_8bit)
+        return d
 
 
 class QuantLinear(nn.Linear):
@@ -335,8 +350,49 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         elif type(m) is nn.Conv2d and name.endswith("patch_embed.proj"):
             wb = first_last_bits or config.w_bits
             _set_child(q, name, QuantConv2d.from_conv(m, wb, config))
+    if config.keep_8bit:
+        _keep_8bit(q, config)
     q.maskaq_quant_config = config  # type: ignore[attr-defined]
     return q
+
+
+def match_keep_8bit(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> dict[str, list[str]]:
+    """``pattern -> [quantizer names]`` it selects in ``model`` (see ``QuantConfig.keep_8bit``)."""
+    from fnmatch import fnmatchcase
+
+    names = [n for n, _ in quantizers(model)]
+    out: dict[str, list[str]] = {}
+    for pat in patterns:
+        hit = []
+        for n in names:
+            layer = n.rpartition(".")[0]
+            if fnmatchcase(n, pat) or fnmatchcase(layer, pat):
+                hit.append(n)
+        out[pat] = hit
+    return out
+
+
+def _keep_8bit(q: nn.Module, config: QuantConfig) -> None:
+    matches = match_keep_8bit(q, config.keep_8bit)
+    empty = [p for p, hit in matches.items() if not hit]
+    if empty:
+        names = [n for n, _ in quantizers(q)]
+        layers = list(dict.fromkeys(n.rpartition(".")[0] for n in names))
+        raise QuantError(
+            f"--keep-8bit {' '.join(repr(p) for p in empty)} matches no quantizer or layer; valid: names such as "
+            f"{names[0]}, {layers[-1]}, or patterns such as 'blocks.0.*', '*.fc2' ({len(names)} quantizers; "
+            "maskaq-analyse lists them)")
+    for n in sorted({n for hit in matches.values() for n in hit}):
+        owner_name, _, child = n.rpartition(".")
+        owner = q.get_submodule(owner_name) if owner_name else q
+        old = getattr(owner, child)
+        if old.bits == 8:
+            continue
+        if isinstance(old, WeightQuantizer):
+            new = WeightQuantizer(8, narrow=config.narrow_weights, axis=old.axis)
+        else:
+            new = ActQuantizer(8, symmetric=config.symmetric_activations)
+        setattr(owner, child, new)
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

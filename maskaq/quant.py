@@ -35,6 +35,7 @@ __all__ = [
     "qrange",
     "fake_quant",
     "round_ste",
+    "clamp_ste",
     "WeightQuantizer",
     "ActQuantizer",
     "export_mode",
@@ -74,6 +75,12 @@ def check_bits(bits: int) -> int:
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round half to even with a straight-through (identity) gradient."""
     return x + (torch.round(x) - x).detach()
+
+
+def clamp_ste(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Clamp with a straight-through (identity) gradient: a learnable zero-point pushed outside
+    the grid keeps its gradient and can come back (a plain clamp would freeze it for good)."""
+    return x + (torch.clamp(x, lo, hi) - x).detach()
 
 
 def fake_quant(
@@ -182,8 +189,8 @@ class _Quantizer(nn.Module):
 class WeightQuantizer(_Quantizer):
     """Per-output-channel symmetric weight quantizer (method.md §1).
 
-    ``s_r = 2 * max|w_r| / (2^b - 1)`` is recomputed from the current latent weights at every
-    forward (weights are trained during calibration); zero-point 0. The scale is computed from
+    ``s_r = 2 * c_r * max|w_r| / (2^b - 1)`` is recomputed from the current latent weights at every
+    forward (``c_r`` = 1 unless a range search set a per-channel clipping ratio, ``clip``) (weights are trained during calibration); zero-point 0. The scale is computed from
     ``w.detach()``: the gradient reaches the latent weights through the STE only.
     ``narrow=True`` uses ``[-(2^(b-1)-1), 2^(b-1)-1]`` (TensorRT).
     """
@@ -194,6 +201,27 @@ class WeightQuantizer(_Quantizer):
         super().__init__(bits)
         self.narrow = narrow
         self.axis = axis
+        # Per-channel clipping ratio in (0, 1] (range search, :mod:`maskaq.ranges`); empty = 1
+        # everywhere. A buffer, not a parameter: it stays fixed while the latent weights train.
+        self.register_buffer("clip", torch.ones(0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        key = prefix + "clip"
+        if key not in state_dict:  # a state saved before clipping existed: no clipping
+            state_dict[key] = torch.ones(0)
+        if state_dict[key].shape != self.clip.shape:
+            self.clip = torch.empty_like(state_dict[key], device=self.clip.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def set_clip(self, ratio: torch.Tensor | None) -> None:
+        """Set the per-channel clipping ratio (``None`` or all ones: no clipping)."""
+        if ratio is None:
+            self.clip = torch.ones(0, device=self.clip.device)
+            return
+        r = ratio.detach().float().reshape(-1)
+        if not bool(((r > 0) & (r <= 1)).all()):
+            raise QuantError("weight clipping ratios must lie in (0, 1]")
+        self.clip = r.to(self.clip.device)
 
     @property
     def signed(self) -> bool:
@@ -206,6 +234,10 @@ class WeightQuantizer(_Quantizer):
         """Per-channel scale, shape ``[C]``; all-zero channels get scale 1 (their integers are 0)."""
         dims = [d for d in range(w.dim()) if d != self.axis]
         amax = w.detach().abs().amax(dim=dims)
+        if self.clip.numel():
+            if self.clip.numel() != amax.numel():
+                raise QuantError(f"weight clipping has {self.clip.numel()} ratios for {amax.numel()} channels")
+            amax = amax * self.clip.to(amax.dtype)
         s = 2 * amax / (2**self.bits - 1)
         return torch.where(s > 0, s, torch.ones_like(s))
 
@@ -236,7 +268,7 @@ class ActQuantizer(_Quantizer):
 
     Initialised on the first batch it sees: ``signed = min(x) < 1e-5``; ``s = 2*mean|x|/sqrt(qmax)``;
     ``z = 0.1*(min(x) - s*qmax)`` (used rounded). The gradient of ``s`` is scaled by
-    ``1/sqrt(numel*qmax)`` (every layer). ``symmetric=True`` fixes ``z = 0`` (TensorRT).
+    ``1/sqrt(numel*qmax)``, numel of the whole batch tensor (every layer; method.md §1). ``symmetric=True`` fixes ``z = 0`` (TensorRT).
 
     [ours] The zero-point is clamped into the integer grid ``[qmin, qmax]`` so it always fits the
     8-bit storage type of ONNX QuantizeLinear (int8 for signed grids, uint8 for unsigned ones).
@@ -312,13 +344,14 @@ class ActQuantizer(_Quantizer):
         if is_export_mode():
             s, z = self.effective()
             return torch.ops.maskaq.fake_quant(x, s.to(x.dtype), z.to(x.dtype), qmin, qmax, -1)
-        g = 1.0 / math.sqrt(x.numel() / max(x.shape[0], 1) * qmax) if x.dim() > 0 else 1.0
+        # method.md §1: numel of the whole batch tensor, as the reference code does.
+        g = 1.0 / math.sqrt(max(x.numel(), 1) * qmax)
         s = self.scale.abs().clamp_min(1e-8)
         s = (s - s * g).detach() + s * g  # LSQ gradient scaling; value unchanged
         if self.symmetric:
             z = torch.zeros_like(s)
         else:
-            z = torch.clamp(round_ste(self.zero_point), qmin, qmax)
+            z = clamp_ste(round_ste(self.zero_point), qmin, qmax)
         return fake_quant(x, s, z, qmin, qmax)
 
     def spec(self, name: str) -> QuantizerSpec:

@@ -1,15 +1,19 @@
 """Sample synthesis (method.md §2): optimise images so that P (and, for MaskAQ, the current Q)
 see "informative" inputs, without any real data.
 
-One loop serves three objectives (the differences are arguments, not copies):
+One loop serves every objective; an objective is a list of loss terms registered in
+:mod:`maskaq.recipes` (the differences are data, not copies):
 
 * ``"maskaq"`` (Eq. 15): ``L = L_IHA + L_CE + 2.5e-5 L_TV + alpha L_DE + beta L_MAA``, needs Q;
 * ``"mimiq"``: ``L_IHA + L_CE + 2.5e-5 L_TV`` with P only;
-* ``"psaq"``: PSAQ-ViT's patch-similarity entropy ``+ L_CE + 2.5e-5 L_TV`` with P only.
+* ``"psaq"``: PSAQ-ViT's patch-similarity entropy ``+ L_CE + w_tv L_TV`` with P only (method.md §6);
+* ``"spdfq"``: ``alpha1 L_APA + L_SL + 0.05 L_TV`` with P only (method.md §7).
 
-Images ``x ~ N(0, 1)`` live in the model's normalised input space and are optimised directly with
-AdamW (lr 0.1, cosine to 1e-3 over the T steps) and clamped to the valid pixel range after every
-step. Batch ``b`` draws from two ``torch.Generator`` s seeded from ``(seed, round, b, attempt)``:
+Images ``x ~ N(0, 1)`` live in the model's normalised input space and are optimised directly
+(default: AdamW lr 0.1, cosine to 1e-3 over the T steps; ``optimizer``, ``lr_schedule``,
+``restarts`` select PSAQ-ViT's Adam with warm-up + cosine rounds) and clamped to the valid pixel
+range after every step. Roll offsets and TV values are stated for 224 px and scaled with the
+image size (``size_ref``), so that 224 px reproduces the original values exactly. Batch ``b`` draws from two ``torch.Generator`` s seeded from ``(seed, round, b, attempt)``:
 a CPU one (initial images, CE targets, roll offsets) and one on the compute device (the per-step
 random tensors: noise, colour jitter, L_DE rows, mask subsets; drawn where they are used, since a
 host-to-device copy would synchronise a GPU every step). Results therefore do not depend on the
@@ -44,7 +48,6 @@ import hashlib
 import logging
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -57,24 +60,23 @@ from torch import nn
 
 from . import losses as L
 from .io import atomic_torch_save
+from .recipes import OBJECTIVES, TERMS
 from .qmodel import MaskAQAttention, attention_modules, record_attention
 from .quant import ActQuantizer
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SynthConfig", "SynthResult", "SynthesisError", "synthesize", "derive_seed", "synthesis_step",
-           "augment_code", "augment_simclr", "attention_layout", "BATCH_FORMAT"]
+           "augment_code", "augment_simclr", "augment_roll_flip", "attention_layout", "lr_at", "StepContext",
+           "BATCH_FORMAT"]
 
-OBJECTIVES = ("maskaq", "mimiq", "psaq")
-AUGMENTS = ("code", "simclr")
+AUGMENTS = ("code", "simclr", "roll_flip")
+OPTIMIZERS = ("adamw", "adam")
+SCHEDULES = ("cosine", "warmup_cosine")
+TV_FORMS = ("eq2", "psaq", "l2")
 BATCH_FORMAT = "maskaq-synth-batch/1"
 _DEVICE_SALT = 0x5DEECE66D  # the device generator's seed differs from the host generator's
 _CHECK_EVERY = 16
-_TERMS = {  # recorded loss terms per objective (unweighted values; "total" is the weighted sum)
-    "maskaq": ("total", "iha", "ce", "tv", "de", "maa"),
-    "mimiq": ("total", "iha", "ce", "tv"),
-    "psaq": ("total", "psaq", "ce", "tv"),
-}
 
 
 class SynthesisError(RuntimeError):
@@ -86,7 +88,8 @@ class SynthConfig:
     """Every hyper-parameter of method.md §2; defaults are the reference code's.
 
     Objective and switches:
-        objective: ``"maskaq"`` | ``"mimiq"`` | ``"psaq"``.
+        objective: a registered objective (:data:`maskaq.recipes.OBJECTIVES`: ``"maskaq"``,
+            ``"mimiq"``, ``"psaq"``, ``"spdfq"``); it says which terms exist.
         use_iha, use_ce, use_tv, use_de, use_maa: include the term (ablations, paper Table 2).
             ``use_de``/``use_maa`` only act for ``"maskaq"``; ``"mimiq"``/``"psaq"`` never use them.
         use_mask: L_MAA over the adaptive mask (Eq. 11-13); False = over all patches.
@@ -102,6 +105,18 @@ class SynthConfig:
     w_psaq. L_DE: de_rows, de_eps. Mask: mask_start, mask_end, mask_drop. SSIM: ssim_c1, ssim_c2.
     PSAQ: psaq_bandwidth, psaq_points. max_redraws: retries of a batch whose images become
     non-finite.
+
+    Optimiser and schedule: optimizer ``"adamw"`` | ``"adam"`` (no weight decay); lr_schedule
+    ``"cosine"`` (to lr_min over each round) | ``"warmup_cosine"`` (PSAQ-ViT's
+    ``lr_cosine_policy``: linear warm-up over ``warmup_frac`` of the round, then cosine to 0);
+    restarts: the T steps are split into this many rounds, each with a fresh optimiser and its
+    own schedule (PSAQ-ViT: 2); lr_windowed: lr for windowed (Swin) models, 0 = lr.
+    Sizes: size_ref: the image size (px) that jitter offsets and TV values are stated for;
+    offsets are scaled to the input, TV values to ``size_ref`` px (0 = no scaling). Augment
+    ``"roll_flip"``: roll by U{-j..j} px on each axis, then horizontal flip with p 0.5.
+    TV: tv_form ``"eq2"`` (Eq. 2 over x), ``"psaq"`` (``|TV_l2(x_jittered) - v|``,
+    ``v ~ U(tv_target)`` stated for ``tv_target_batch`` RGB images at 224 px), ``"l2"``.
+    SPDFQ: w_apa (alpha1), use_apa, use_msr, msr_max_crops, soft_labels.
     """
 
     objective: str = "maskaq"
@@ -141,12 +156,41 @@ class SynthConfig:
     psaq_bandwidth: float = 0.01
     psaq_points: int = 10
     max_redraws: int = 3
+    optimizer: str = "adamw"
+    lr_schedule: str = "cosine"
+    warmup_frac: float = 0.0
+    restarts: int = 1
+    lr_windowed: float = 0.0
+    size_ref: int = 224
+    tv_form: str = "eq2"
+    tv_target: tuple[float, float] = (2500.0, 3000.0)
+    tv_target_batch: int = 32
+    w_apa: float = 1.0
+    use_apa: bool = True
+    use_msr: bool = True
+    msr_max_crops: int = 4
+    soft_labels: bool = True
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective {self.objective!r} is not valid; valid: {', '.join(OBJECTIVES)}")
-        if self.augment not in AUGMENTS:
-            raise ValueError(f"augment {self.augment!r} is not valid; valid: {', '.join(AUGMENTS)}")
+        for name, valid in (("augment", AUGMENTS), ("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
+                            ("tv_form", TV_FORMS)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not valid; valid: {', '.join(valid)}")
+        for name in ("restarts", "tv_target_batch", "msr_max_crops"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.restarts > self.steps:
+            raise ValueError(f"restarts ({self.restarts}) cannot exceed steps ({self.steps})")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if not isinstance(self.size_ref, int) or isinstance(self.size_ref, bool) or self.size_ref < 0:
+            raise ValueError(f"size_ref must be an integer >= 0 (0: no scaling), got {self.size_ref!r}")
+        object.__setattr__(self, "tv_target", tuple(float(v) for v in self.tv_target))
+        if len(self.tv_target) != 2 or self.tv_target[0] > self.tv_target[1]:
+            raise ValueError(f"tv_target must be two numbers lo <= hi, got {self.tv_target!r}")
         for name in ("steps", "batch_size", "de_rows", "psaq_points"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -163,27 +207,58 @@ class SynthConfig:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if len(self.betas) != 2:
             raise ValueError(f"betas must be two numbers, got {self.betas!r}")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Every number in its valid range (as :class:`~maskaq.calibration.CalibConfig` does), so a
+        bad setting is one line at parse time, not a traceback or a NaN after minutes of work."""
+        def num(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"synth.{name}={v!r} is invalid; valid: a finite number")
+            return float(v)
+
+        def need(name: str, ok: bool, valid: str) -> None:
+            if not ok:
+                raise ValueError(f"synth.{name}={getattr(self, name)!r} is invalid; valid: {valid}")
+
+        for name in ("lr", "adam_eps", "de_eps", "ssim_c1", "ssim_c2", "psaq_bandwidth"):
+            need(name, num(name) > 0, "a number > 0")
+        need("lr_min", num("lr_min") >= 0, "a number >= 0 (the cosine floor)")
+        for name in ("weight_decay", "noise_std", "jitter_mean", "jitter_log_std", "w_iha", "w_ce", "w_tv",
+                     "alpha", "beta", "w_psaq"):
+            need(name, num(name) >= 0, "a number >= 0")
+        for name in ("jitter", "jitter_late"):
+            v = getattr(self, name)
+            need(name, isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (pixels)")
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"synth.betas={','.join(f'{b:g}' for b in self.betas)} is invalid; "
+                             "valid: two numbers in [0, 1), e.g. 0.9,0.999")
 
     @property
     def terms(self) -> tuple[str, ...]:
         """Names of the recorded loss values: ``"total"`` then every active term."""
-        return ("total",) + tuple(t for t in _TERMS[self.objective][1:] if self.active(t))
+        return ("total",) + tuple(t for t in OBJECTIVES[self.objective].terms if self.active(t))
 
     def active(self, term: str) -> bool:
-        """Whether ``term`` contributes to the objective under this config."""
-        o = self.objective
-        return {
-            "iha": o in ("maskaq", "mimiq") and self.use_iha,
-            "ce": self.use_ce,
-            "tv": self.use_tv,
-            "de": o == "maskaq" and self.use_de,
-            "maa": o == "maskaq" and self.use_maa,
-            "psaq": o == "psaq",
-        }[term]
+        """Whether ``term`` contributes to the objective under this config (it is one of the
+        objective's terms, :data:`maskaq.recipes.OBJECTIVES`, and its switch is on)."""
+        if term not in TERMS:
+            raise KeyError(f"unknown synthesis term {term!r}; valid: {', '.join(TERMS)}")
+        if term not in OBJECTIVES[self.objective].terms:
+            return False
+        sw = TERMS[term].switch
+        return True if sw is None else bool(getattr(self, sw))
+
+    @property
+    def uses_q(self) -> bool:
+        """Whether an active term runs the current Q (MaskAQ's L_MAA)."""
+        return any("q" in TERMS[t].needs for t in self.terms[1:])
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["betas"] = list(self.betas)
+        d["tv_target"] = list(self.tv_target)
         return d
 
     @classmethod
@@ -193,8 +268,9 @@ class SynthConfig:
         if bad:
             raise ValueError(f"unknown SynthConfig fields {bad}; valid: {', '.join(sorted(names))}")
         d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
+        for k in ("betas", "tv_target"):
+            if k in d:
+                d[k] = tuple(d[k])
         return cls(**d)
 
     @classmethod
@@ -251,16 +327,16 @@ def augment_code(x: torch.Tensor, step: int, steps: int, gen: torch.Generator, c
     Tensors are drawn from ``gen`` (best on x's device: no host-device copies); the roll offsets,
     which Python needs as numbers, from ``host_gen`` (a CPU generator; default ``gen``).
 
-    1. roll by ``(dy, dx)`` ~ U{-j..j}, ``j = cfg.jitter`` for ``t < T/2`` else ``cfg.jitter_late``;
+    1. roll by ``(dy, dx)`` ~ U{-j..j}, ``j = cfg.jitter`` for ``t < T/2`` else ``cfg.jitter_late``
+       (px at ``cfg.size_ref`` px, scaled to the image: :func:`maskaq.losses.scaled_offset`);
     2. "Gaussian noise": add ``n * noise_std * (T-1-t)/T`` with ``n ~ N(0,1)`` of shape
        ``[B, C, 1, 1]`` - the reference's ``GaussianNoise`` draws ONE value per image and channel
        (a brightness offset), not per pixel;
     3. colour jitter ``(x - m) / s``, ``m ~ U(-1, 1)``, ``s = exp(U(-1, 1))`` per image and channel.
     """
     B, C = x.shape[:2]
-    j = cfg.jitter if step < steps / 2 else cfg.jitter_late
     hg = host_gen if host_gen is not None else gen
-    dy, dx = torch.randint(-j, j + 1, (2,), generator=hg, device=hg.device).tolist()
+    dy, dx = _roll_offsets(x, step, steps, cfg, hg)
     if dy or dx:
         x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
     noise = torch.randn((B, C, 1, 1), generator=gen, device=gen.device)
@@ -270,6 +346,29 @@ def augment_code(x: torch.Tensor, step: int, steps: int, gen: torch.Generator, c
     noise, m, s = (t.to(device=x.device, dtype=x.dtype) for t in (noise, m, s))
     x = x + noise * std
     return (x - m) / s
+
+
+def _roll_offsets(x: torch.Tensor, step: int, steps: int, cfg: SynthConfig, hg: torch.Generator) -> list[int]:
+    j = cfg.jitter if step < steps / 2 else cfg.jitter_late
+    jy = L.scaled_offset(j, x.shape[-2], cfg.size_ref)
+    jx = L.scaled_offset(j, x.shape[-1], cfg.size_ref)
+    if jy == jx:
+        return torch.randint(-jy, jy + 1, (2,), generator=hg, device=hg.device).tolist()
+    return [int(torch.randint(-jy, jy + 1, (1,), generator=hg, device=hg.device)),
+            int(torch.randint(-jx, jx + 1, (1,), generator=hg, device=hg.device))]
+
+
+def augment_roll_flip(x: torch.Tensor, step: int, steps: int, cfg: SynthConfig, host_gen: torch.Generator) -> torch.Tensor:
+    """PSAQ-ViT's jitter (method.md §6): roll both axes by one offset each, ``U{-j..j}``
+    (``cfg.jitter`` px in the first half of the steps, ``cfg.jitter_late`` after; stated at
+    ``cfg.size_ref`` px and scaled to the image), then a horizontal flip with p 0.5; the same
+    for the whole batch, drawn from the host generator."""
+    dy, dx = _roll_offsets(x, step, steps, cfg, host_gen)
+    if dy or dx:
+        x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    if float(torch.rand((), generator=host_gen, device=host_gen.device)) < 0.5:
+        x = torch.flip(x, dims=(3,))
+    return x
 
 
 def _gray(px: torch.Tensor) -> torch.Tensor:
@@ -340,6 +439,8 @@ class _Layer:
     window: tuple[int, int] = (0, 0)
     shift: tuple[int, int] = (0, 0)
     order: str = "shift_pad"  # how the block makes windows (losses.windows_to_grid)
+    heads: int = 0
+    grid: tuple[int, int] = (0, 0)  # ViT: the patch grid
 
 
 @dataclass(frozen=True)
@@ -384,20 +485,21 @@ def attention_layout(model: nn.Module, input_size: tuple[int, int] | None = None
     for a in mods:
         g = a.geometry
         if not g.windowed:
-            layers[a.layer_name] = _Layer(a.layer_name, g.prefix, False)
+            layers[a.layer_name] = _Layer(a.layer_name, g.prefix, False, heads=a.num_heads, grid=tuple(g.grid))
             continue
         blk = parents.get(id(a))
         if blk is not None and id(blk) in dense:
             geo = dense[id(blk)]
             layers[a.layer_name] = _Layer(a.layer_name, 0, True, tuple(geo.resolution), tuple(geo.window),
-                                          tuple(geo.shift), geo.order)
+                                          tuple(geo.shift), geo.order, a.num_heads)
             continue
         if blk is None or not all(hasattr(blk, n) for n in ("input_resolution", "window_size", "shift_size")):
             raise SynthesisError(f"windowed attention {a.layer_name!r} has no Swin block around it "
                                  "(need input_resolution, window_size, shift_size, or a backbone with "
                                  "window_geometries(input_size))")
         layers[a.layer_name] = _Layer(a.layer_name, 0, True, tuple(int(v) for v in blk.input_resolution),
-                                      tuple(int(v) for v in blk.window_size), tuple(int(v) for v in blk.shift_size))
+                                      tuple(int(v) for v in blk.window_size), tuple(int(v) for v in blk.shift_size),
+                                      heads=a.num_heads)
     first = next(iter(layers.values()))
     windowed = first.windowed
     if windowed:
@@ -431,17 +533,68 @@ def _class_logits(out: Any) -> torch.Tensor:
 
 # --- one step --------------------------------------------------------------------------------
 
+class StepContext:
+    """What the loss terms of one synthesis step see (:mod:`maskaq.recipes`): the config, the
+    models, the images ``x`` and their augmented view ``xa``, P's class ``logits`` and attention
+    records ``recs`` for ``xa``, the batch's ``labels`` and per-batch ``state`` (drawn once per
+    batch by the objective), the step, the generators, the token geometry; helpers that
+    compute shared pieces once (``patch_blocks``) or run the other model (``run_q``).
+    A term may set ``mask`` (the adaptive mask of this step)."""
+
+    def __init__(self, P: nn.Module, Q: nn.Module | None, cfg: SynthConfig, x: torch.Tensor, xa: torch.Tensor,
+                 out: Any, recs: list, layout: _Layout, labels: torch.Tensor, state: dict[str, Any],
+                 step: int, gen: torch.Generator, host_gen: torch.Generator | None) -> None:
+        self.P, self.Q, self.cfg, self.x, self.xa = P, Q, cfg, x, xa
+        self.logits = _class_logits(out)
+        self.recs = recs
+        self.layout = layout
+        self.layers = [layout.layers[r.name] for r in recs]
+        self.prefixes = [l.prefix for l in self.layers]
+        self.labels, self.state = labels, state
+        self.step, self.steps = step, cfg.steps
+        self.gen, self.host_gen = gen, host_gen
+        self.batch = x.shape[0]
+        self.mask: torch.Tensor | None = None
+        self._blocks: list[torch.Tensor] | None = None
+
+    @staticmethod
+    def class_logits(out: Any) -> torch.Tensor:
+        return _class_logits(out)
+
+    def patch_blocks(self) -> list[torch.Tensor]:
+        """Logit maps without prefix rows/columns, sliced once for every term that needs them."""
+        if self._blocks is None:
+            self._blocks = [L.patch_block(r.logits, p) for r, p in zip(self.recs, self.prefixes)]
+        return self._blocks
+
+    def token_scores(self, recs: list) -> list[torch.Tensor]:
+        """Per-layer ``[B, G*G]`` rows (Eq. 11, Eq. 14) of the logits in ``recs``."""
+        return [_token_scores(r.logits, l, self.layout, self.batch) for r, l in zip(recs, self.layers)]
+
+    def run_q(self, what: tuple[str, ...]) -> list:
+        """Run the current Q on ``xa``; its attention records (same layers as P's)."""
+        if self.Q is None:
+            raise SynthesisError(f"objective {self.cfg.objective!r} with use_maa needs Q; pass Q or set use_maa=False")
+        _, qrecs = _run(self.Q, self.xa, what)
+        if [r.name for r in qrecs] != [r.name for r in self.recs]:
+            raise SynthesisError("P and Q have different attention layers: "
+                                 f"{[r.name for r in self.recs][:4]}... vs {[r.name for r in qrecs][:4]}...")
+        return qrecs
+
+
 def synthesis_step(P: nn.Module, Q: nn.Module | None, x: torch.Tensor, labels: torch.Tensor, step: int,
                    cfg: SynthConfig, gen: torch.Generator, layout: _Layout,
                    norm: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   host_gen: torch.Generator | None = None,
+                   host_gen: torch.Generator | None = None, state: dict[str, Any] | None = None,
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
-    """Loss of one synthesis step (Eq. 15 or the MimiQ/PSAQ objective), not yet backpropagated.
+    """Loss of one synthesis step (the objective's terms, :mod:`maskaq.recipes`), not yet
+    backpropagated.
 
     ``gen`` draws the step's random tensors (noise, jitter, L_DE rows, mask subsets) and should
-    live on x's device; ``host_gen`` (CPU) draws the roll offsets. ``layout``:
+    live on x's device; ``host_gen`` (CPU) draws the roll offsets and flips. ``layout``:
     :func:`attention_layout` of P; ``norm``: the model's ``(mean, std)`` as ``[1, C, 1, 1]``
-    (needed by the SimCLR augmentation).
+    (needed by the SimCLR augmentation); ``state``: the batch's state from the objective's
+    ``init`` (labels, PSAQ's TV target, SPDFQ's priors, crops and soft targets).
 
     Returns ``(total, terms, mask)``: ``terms`` maps every active term name to its unweighted
     value; ``mask`` is the adaptive mask of this step or None.
@@ -449,49 +602,21 @@ def synthesis_step(P: nn.Module, Q: nn.Module | None, x: torch.Tensor, labels: t
     T = cfg.steps
     if cfg.augment == "code":
         xa = augment_code(x, step, T, gen, cfg, host_gen)
+    elif cfg.augment == "roll_flip":
+        xa = augment_roll_flip(x, step, T, cfg, host_gen if host_gen is not None else gen)
     else:
         assert norm is not None
         xa = augment_simclr(x, gen, *norm)
-    B = x.shape[0]
-    need_logits = cfg.active("iha") or cfg.active("de") or cfg.active("maa")
-    what = (("logits",) if need_logits else ()) + (("head_out",) if cfg.active("psaq") else ())
-    out, recs = _run(P, xa, what or ("logits",))
-    layers = [layout.layers[r.name] for r in recs]
-    prefixes = [l.prefix for l in layers]
-    terms: dict[str, torch.Tensor] = {}
-    mask = None
-    if cfg.active("iha") or cfg.active("de"):
-        # slice the patch block once: one slice node in the graph for both terms
-        blocks = [L.patch_block(r.logits, p) for r, p in zip(recs, prefixes)]
-    if cfg.active("iha"):
-        terms["iha"] = L.iha_loss(blocks, 0, cfg.ssim_c1, cfg.ssim_c2)
-    if cfg.active("ce"):
-        terms["ce"] = L.ce_loss(_class_logits(out), labels)
-    if cfg.active("tv"):
-        terms["tv"] = L.tv_loss(x)  # over the un-augmented images (Eq. 2)
-    if cfg.active("de"):
-        terms["de"] = L.de_loss(blocks, 0, gen, cfg.de_rows, cfg.de_offdiag_only, cfg.de_eps)
-    if cfg.active("maa"):
-        if Q is None:
-            raise SynthesisError("objective 'maskaq' with use_maa needs Q; pass Q or set use_maa=False")
-        a_p = [_token_scores(r.logits, l, layout, B) for r, l in zip(recs, layers)]
-        if cfg.use_mask:
-            importance = torch.stack([a.detach() for a in a_p]).mean(dim=0)  # Eq. 11: mean over layers
-            mask = L.adaptive_mask(importance, step, T, gen, start_ratio=cfg.mask_start,
-                                   end_ratio=cfg.mask_end, drop_prob=cfg.mask_drop)
-        _, qrecs = _run(Q, xa, ("logits",))
-        if [r.name for r in qrecs] != [r.name for r in recs]:
-            raise SynthesisError("P and Q have different attention layers: "
-                                 f"{[r.name for r in recs][:4]}... vs {[r.name for r in qrecs][:4]}...")
-        a_q = [_token_scores(r.logits, l, layout, B) for r, l in zip(qrecs, layers)]
-        terms["maa"] = L.maa_loss(a_p, a_q, mask)
-    if cfg.active("psaq"):
-        terms["psaq"] = L.psaq_entropy_loss([r.head_out for r in recs], prefixes, cfg.psaq_bandwidth, cfg.psaq_points)
-    weights = {"iha": cfg.w_iha, "ce": cfg.w_ce, "tv": cfg.w_tv, "de": cfg.alpha, "maa": cfg.beta, "psaq": cfg.w_psaq}
-    if not terms:
+    active = [TERMS[t] for t in cfg.terms[1:]]
+    if not active:
         raise SynthesisError("no loss term is active; enable at least one of use_iha/use_ce/use_tv/...")
-    total = sum(weights[k] * v for k, v in terms.items())
-    return total, terms, mask  # type: ignore[return-value]
+    what = tuple(k for k in ("logits", "probs", "head_out") if any(k in t.needs for t in active))
+    out, recs = _run(P, xa, what or ("logits",))
+    ctx = StepContext(P, Q, cfg, x, xa, out, recs, layout, labels, {"labels": labels, **(state or {})},
+                      step, gen, host_gen)
+    terms = {t.name: t.fn(ctx) for t in active}
+    total = sum(getattr(cfg, t.weight) * terms[t.name] for t in active)
+    return total, terms, ctx.mask  # type: ignore[return-value]
 
 
 # --- model state -----------------------------------------------------------------------------
@@ -553,6 +678,35 @@ def _fingerprint(cfg: SynthConfig, seed: int, round: int, num_images: int, batch
             "batch": int(batch), "shape": list(shape)}
 
 
+def _round_starts(steps: int, restarts: int) -> list[int]:
+    """First step of each of ``restarts`` near-equal rounds of ``steps``."""
+    return sorted({(i * steps) // restarts for i in range(restarts)})
+
+
+def lr_at(cfg: SynthConfig, i: int, n: int, base_lr: float | None = None) -> float:
+    """Learning rate at step ``i`` of a round of ``n`` steps under ``cfg.lr_schedule``
+    ``"warmup_cosine"`` (PSAQ-ViT's ``lr_cosine_policy(base, warm, n)``, ``warm =
+    round(warmup_frac * n)``): ``base * (i+1)/warm`` for ``i < warm``, then
+    ``lr_min + (base - lr_min) * 0.5 * (1 + cos(pi * (i - warm) / (n - warm)))``; set before the
+    optimiser step of iteration ``i``. (``"cosine"`` uses torch's CosineAnnealingLR.)"""
+    base = cfg.lr if base_lr is None else base_lr
+    warm = int(round(cfg.warmup_frac * n))
+    if i < warm:
+        return base * (i + 1) / warm
+    return cfg.lr_min + (base - cfg.lr_min) * 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, n - warm)))
+
+
+def _optimizer(x: torch.Tensor, cfg: SynthConfig, lr: float, n: int) -> tuple[torch.optim.Optimizer, Any]:
+    if cfg.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam([x], lr=lr, betas=cfg.betas, eps=cfg.adam_eps,
+                                                      weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW([x], lr=lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    if cfg.lr_schedule == "cosine":
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, n, eta_min=cfg.lr_min)
+    return opt, None
+
+
 def _synth_batch(P: nn.Module, Q: nn.Module | None, b: int, n: int, cfg: SynthConfig, chw: tuple[int, int, int],
                  mean: torch.Tensor, std: torch.Tensor, num_classes: int, seed: int, round: int,
                  device: torch.device, layout: _Layout, snap: Any, bar: Any) -> dict[str, Any]:
@@ -567,18 +721,27 @@ def _synth_batch(P: nn.Module, Q: nn.Module | None, b: int, n: int, cfg: SynthCo
         dgen = torch.Generator(device=device).manual_seed(derive_seed(seed, round, b, attempt) ^ _DEVICE_SALT)
         _restore(snap)
         x = torch.randn((n, C, H, W), generator=host).to(device).requires_grad_(True)
-        labels = torch.randint(0, num_classes, (n,), generator=host).to(device)
-        opt = torch.optim.AdamW([x], lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T, eta_min=cfg.lr_min)
+        state = OBJECTIVES[cfg.objective].init(host, n, num_classes, cfg, layout, chw)
+        labels = state.pop("labels").to(device)
+        base_lr = cfg.lr_windowed if (layout.windowed and cfg.lr_windowed > 0) else cfg.lr
+        starts = _round_starts(T, cfg.restarts)
         rec: list[torch.Tensor] = []
         mask = None
         finite = True
         for t in range(T):
+            if t in starts:  # a new round: fresh optimiser and schedule (PSAQ-ViT: 2 rounds)
+                r0 = t
+                r_len = starts[starts.index(t) + 1] - t if starts.index(t) + 1 < len(starts) else T - t
+                opt, sched = _optimizer(x, cfg, base_lr, r_len)
+            if sched is None:
+                for grp in opt.param_groups:
+                    grp["lr"] = lr_at(cfg, t - r0, r_len, base_lr)
             opt.zero_grad(set_to_none=True)
-            total, terms, mask = synthesis_step(P, Q, x, labels, t, cfg, dgen, layout, (mean, std), host)
+            total, terms, mask = synthesis_step(P, Q, x, labels, t, cfg, dgen, layout, (mean, std), host, state)
             total.backward()
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
             with torch.no_grad():
                 x.clamp_(min=lo, max=hi)
             rec.append(torch.stack([total.detach()] + [terms[k].detach() for k in cfg.terms[1:]]))
@@ -655,10 +818,10 @@ def synthesize(
     """
     if not isinstance(num_images, int) or num_images < 1:
         raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
-    if cfg.objective in ("mimiq", "psaq") and Q is not None:
+    if not cfg.uses_q and Q is not None:
         log.info("objective %r synthesises with P only; Q is ignored", cfg.objective)
         Q = None
-    if cfg.active("maa") and Q is None:
+    if cfg.uses_q and Q is None:
         raise SynthesisError("objective 'maskaq' with use_maa=True needs Q (the model being calibrated); "
                              "pass Q, set use_maa=False, or use objective 'mimiq'")
     device = torch.device(device)
@@ -697,13 +860,12 @@ def synthesize(
         else:
             todo.append((b, fp, path))
 
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     snap = _quantizer_snapshot(Q)
     models = [P] + ([Q] if Q is not None else [])
-    with _synthesis_mode(models), tqdm(total=cfg.steps * len(todo), unit="step", file=sys.stderr,
-                                       disable=None if progress else True, desc=f"synthesis round {round}",
-                                       dynamic_ncols=True) as bar:
+    with _synthesis_mode(models), progress_bar(cfg.steps * len(todo), f"synthesis round {round}", "step",
+                                               progress and bool(todo)) as bar:
         try:
             for b, fp, path in todo:
                 res = _synth_batch(P, Q, b, sizes[b], cfg, chw, mean, std, num_classes, seed, round,

@@ -13,7 +13,7 @@ import torch
 
 from .io import atomic_write
 
-__all__ = ["save_sample_grid", "save_loss_curves", "mask_grid_shape"]
+__all__ = ["save_sample_grid", "save_method_grid", "save_loss_curves", "mask_grid_shape"]
 
 
 def _figure(w: float, h: float) -> Any:
@@ -99,6 +99,49 @@ def save_sample_grid(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.92 if title else 0.99, wspace=0.05, hspace=0.05)
+    _save(fig, path)
+
+
+def save_method_grid(
+    samples: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    per_method: int = 8,
+    title: str | None = None,
+) -> None:
+    """One PNG comparing methods: a row of ``per_method`` samples per method (normalised
+    ``[N, C, H, W]`` each, labelled with the dict key), one-channel images in grey."""
+    if not samples:
+        raise ValueError("save_method_grid needs at least one method's samples")
+    m = torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1)
+    rows = list(samples.items())
+    ncols = max(1, min(per_method, max(int(v.shape[0]) for _, v in rows)))
+    fig = _figure(1.2 * ncols + 1.6, 1.2 * len(rows) + (0.4 if title else 0.1))
+    for r, (name, imgs) in enumerate(rows):
+        pix = (imgs[:ncols].detach().float().cpu() * s + m).clamp(0, 1).numpy()
+        for j in range(ncols):
+            ax = fig.add_subplot(len(rows), ncols, r * ncols + j + 1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for sp in ax.spines.values():
+                sp.set_visible(False)
+            if j == 0:
+                ax.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
+            if j >= pix.shape[0]:
+                continue
+            img = pix[j]
+            if img.shape[0] == 1:
+                ax.imshow(img[0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                rgb = img[:3].transpose(1, 2, 0) if img.shape[0] >= 3 else np.repeat(img[:1], 3, 0).transpose(1, 2, 0)
+                ax.imshow(rgb, vmin=0, vmax=1, interpolation="nearest")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=1.5 / (1.2 * ncols + 1.6), right=0.99, bottom=0.01, top=0.92 if title else 0.99,
+                        wspace=0.05, hspace=0.08)
     _save(fig, path)
 
 

@@ -128,6 +128,20 @@ class _Command(click.Command):
     help="ADE20K maskaq dense (UperNet) exports: whole-image or sliding-window inference "
     "(default: the export's own test_cfg).",
 )
+@click.option(
+    "--class-order",
+    default=None,
+    type=click.Choice(["sorted"]),
+    help="imagefolder: class index = sorted folder order (timm's default), instead of matching "
+    "folder names to the model's labels.",
+)
+@click.option(
+    "--class-map",
+    default=None,
+    metavar="FILE",
+    help="imagefolder: folder name -> output index (one folder name a line, as timm; or JSON "
+    "{folder: index or label}).",
+)
 @click.option("--latency", is_flag=True, help="Also time the model alone on random input.")
 @click.option(
     "--latency-batch", default="1,32", show_default=True, help="Batch sizes for --latency."
@@ -152,6 +166,8 @@ def main(
     threads: int,
     graph_opt: str,
     seg_mode: str | None,
+    class_order: str | None,
+    class_map: str | None,
     latency: bool,
     latency_batch: str,
     latency_iters: int,
@@ -181,7 +197,7 @@ def main(
     lg.addHandler(handler)
     lg.setLevel(logging.INFO if verbose else logging.WARNING)
     lg.propagate = False
-    progress = not quiet and sys.stderr.isatty()
+    progress = not quiet  # a bar on a terminal, a line every ~10 s off one
     try:
         rep = evaluate(
             model,
@@ -202,6 +218,8 @@ def main(
             progress=progress,
             output=output,
             seg_mode=seg_mode,
+            class_order=class_order,
+            class_map=class_map,
         )
     finally:
         lg.removeHandler(handler)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import logging
 import re
 import tarfile
@@ -284,7 +285,7 @@ def imagenet_dataset(root: str | Path | None) -> ClassificationDataset:
     if seen_flat is not None:
         d, n = seen_flat
         raise EvalError(
-            f"{d} holds {n} images but no labels: add val.txt ('ILSVRC2012_val_00000001.JPEG 65' "
+            f"{d} holds {n} image{'' if n == 1 else 's'} but no labels: add val.txt ('ILSVRC2012_val_00000001.JPEG 65' "
             f"lines) or the devkit's {GT_FILE}, or use WNID subfolders (val/n01440764/...)"
         )
     raise EvalError(
@@ -459,8 +460,57 @@ def _norm_label(s: str) -> str:
     return re.sub(r"[\s_\-/]+", "", s).lower()
 
 
+CLASS_ORDERS = ("labels", "sorted")
+
+
+def read_class_map(path: str | Path, labels: Sequence[str] | None = None) -> dict[str, int]:
+    """A class map file -> ``{folder name: output index}``.
+
+    ``.json``: ``{"folder": index}`` or ``{"folder": "label name"}`` (a name in the model's
+    ``maskaq.labels``). Any other file: timm's ``--class-map`` layout, one folder name a line,
+    the line number (from 0) is its output index.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise EvalError(f"class map {p} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalError(f"cannot read class map {p} ({type(e).__name__})") from None
+    if p.suffix.lower() == ".json":
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            raise EvalError(f"class map {p} is not valid JSON ({e})") from None
+        if not isinstance(obj, dict) or not obj:
+            raise EvalError(f"class map {p} must be a JSON object {{folder: index or label name}}")
+        out: dict[str, int] = {}
+        for k, v in obj.items():
+            if isinstance(v, bool):
+                v = None
+            if isinstance(v, int):
+                out[str(k)] = v
+            elif isinstance(v, str) and labels is not None and v in labels:
+                out[str(k)] = list(labels).index(v)
+            else:
+                valid = "an integer index" + (" or one of the model's labels" if labels else "")
+                raise EvalError(f"class map {p}: {k!r} -> {v!r} is not {valid}")
+        return out
+    names = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not names:
+        raise EvalError(f"class map {p} is empty (one class folder name a line, index = line number)")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise EvalError(f"class map {p} lists {', '.join(dup[:5])} more than once")
+    return {n: i for i, n in enumerate(names)}
+
+
 def imagefolder_dataset(
-    root: str | Path | None, labels: Sequence[str] | None = None, num_classes: int | None = None
+    root: str | Path | None,
+    labels: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    class_order: str | None = None,
+    class_map: str | Path | None = None,
 ) -> ClassificationDataset:
     """Any classification ImageFolder: ``root/<class>/**/*.{jpg,png,...}``.
 
@@ -470,10 +520,17 @@ def imagefolder_dataset(
             matched to them (exactly, else ignoring case, spaces, ``_``, ``-``, ``/``); an
             unknown folder is an error. Otherwise class index = sorted folder order.
         num_classes: the model's output size, to catch more folders than classes.
+        class_order: ``"sorted"``: class index = sorted folder order (timm's ImageFolder
+            default) even when the model has labels; ``"labels"`` (default): as above.
+        class_map: a file mapping folder names to output indices (:func:`read_class_map`).
 
     Raises:
         EvalError: missing/empty folder, no class subfolders, unknown class folders.
     """
+    if class_order is not None and class_order not in CLASS_ORDERS:
+        raise EvalError(f"unknown --class-order {class_order!r} (valid: {', '.join(CLASS_ORDERS)})")
+    if class_order is not None and class_map is not None:
+        raise EvalError("--class-order and --class-map exclude each other; give one")
     d = _check_dir(root, "imagefolder")
     subdirs = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
     classes = [(sd, _walk_images(sd)) for sd in subdirs]
@@ -482,14 +539,39 @@ def imagefolder_dataset(
         flat = _list_images(d)
         if flat:
             raise EvalError(
-                f"{d} holds {len(flat)} images but no class subfolders; an ImageFolder needs "
+                f"{d} holds {len(flat)} image{'' if len(flat) == 1 else 's'} but no class subfolders; "
+                "an ImageFolder needs "
                 "root/<class>/<image> (for ImageNet with val.txt use --task imagenet)"
             )
         raise EvalError(
             f"{d} is empty: no class subfolders with images ({', '.join(IMAGE_EXTENSIONS)})"
         )
     names = [sd.name for sd, _ in classes]
-    if labels is not None:
+    if class_map is not None:
+        cmap = read_class_map(class_map, labels)
+        missing = [n for n in names if n not in cmap]
+        if missing:
+            raise EvalError(
+                f"{d}: class folder(s) {', '.join(missing[:5])} are not in the class map {class_map}"
+            )
+        limit = num_classes if num_classes is not None else (len(labels) if labels else None)
+        bad = [f"{n}->{cmap[n]}" for n in names if cmap[n] < 0 or (limit is not None and cmap[n] >= limit)]
+        if bad:
+            raise EvalError(
+                f"class map {class_map}: index out of range for the model's {limit} outputs: {', '.join(bad[:5])}"
+            )
+        index = {n: cmap[n] for n in names}
+        n_classes = limit if limit is not None else max(index.values()) + 1
+        class_names = list(labels) if labels else [
+            next((f for f, i in cmap.items() if i == k), str(k)) for k in range(n_classes)
+        ]
+        mapping = f"class map {Path(class_map).name}"
+        labels = None
+    elif class_order == "sorted":
+        labels = None
+    if class_map is not None:
+        pass  # index, n_classes, class_names, mapping set above
+    elif labels is not None:
         exact = {lab: i for i, lab in enumerate(labels)}
         loose = {_norm_label(lab): i for i, lab in enumerate(labels)}
         index: dict[str, int] = {}
@@ -505,7 +587,8 @@ def imagefolder_dataset(
             shown = ", ".join(repr(x) for x in list(labels)[:10])
             raise EvalError(
                 f"{d}: class folder(s) {', '.join(unknown[:5])} match none of the model's "
-                f"{len(labels)} labels (maskaq.labels: {shown}{' ...' if len(labels) > 10 else ''})"
+                f"{len(labels)} labels (maskaq.labels: {shown}{' ...' if len(labels) > 10 else ''}); "
+                "use --class-order sorted (index = sorted folder order) or --class-map FILE"
             )
         n_classes = len(labels)
         class_names = list(labels)
@@ -514,7 +597,7 @@ def imagefolder_dataset(
         index = {n: i for i, n in enumerate(names)}
         n_classes = len(names)
         class_names = names
-        mapping = "sorted folders"
+        mapping = "sorted folders" + (" (--class-order sorted)" if class_order == "sorted" else "")
         if num_classes is not None and len(names) > num_classes:
             raise EvalError(
                 f"{d} has {len(names)} class folders but the model has {num_classes} outputs"

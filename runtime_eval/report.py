@@ -47,9 +47,11 @@ def check_output_path(path: str | Path) -> Path:
             f"report path {p} is a folder; give a file name such as {p / 'report.json'}"
         )
     parent = p.parent if str(p.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
+    if not parent.exists():  # as maskaq-export: a typo in a folder name is not silently created
+        raise EvalError(f"cannot write the report: folder {parent} does not exist (create it first)")
+    if not parent.is_dir():
         raise EvalError(f"cannot write the report: {parent} is not a folder")
-    if parent.exists() and not os.access(parent, os.W_OK):
+    if not os.access(parent, os.W_OK):
         raise EvalError(f"cannot write the report: folder {parent} is not writable")
     return p
 
@@ -57,7 +59,6 @@ def check_output_path(path: str | Path) -> Path:
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
     """Write the report atomically: a temp file in the same folder, then ``os.replace``."""
     p = check_output_path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     text = to_json(report)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:

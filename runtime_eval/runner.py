@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import logging
+import os
 import platform
 import sys
 import time
@@ -67,9 +68,49 @@ def _collect_warnings() -> Iterator[_WarningCollector]:
         lg.removeHandler(h)
 
 
+class _LineProgress:
+    """Off a terminal: a line (done/total, elapsed, ETA) at most every ``MASKAQ_PROGRESS_EVERY``
+    seconds (default 10) and one when done, instead of a bar nobody sees (same line format as
+    ``maskaq-export``'s; this package does not import maskaq)."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        try:
+            self.every = max(0.0, float(os.environ.get("MASKAQ_PROGRESS_EVERY", 10)))
+        except ValueError:
+            self.every = 10.0
+        self.total, self.desc, self.n = total, desc, 0
+        self.t0 = self.last = time.monotonic()
+
+    @staticmethod
+    def _clock(s: float) -> str:
+        m, sec = divmod(int(round(max(s, 0.0))), 60)
+        h, m = divmod(m, 60)
+        return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+    def _emit(self, text: str) -> None:
+        print(f"maskaq-eval: {self.desc}: {text}", file=sys.stderr, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every and self.n < self.total:
+            self.last = now
+            el = now - self.t0
+            eta = self._clock(el / self.n * (self.total - self.n)) if self.n else "?"
+            self._emit(f"{self.n}/{self.total} images ({100 * self.n / self.total:.0f}%), "
+                       f"{self._clock(el)} elapsed, ETA {eta}")
+
+    def close(self) -> None:
+        if self.total and self.n >= self.total:
+            self._emit(f"{self.n}/{self.total} images, done in {self._clock(time.monotonic() - self.t0)}")
+            self.total = 0  # once
+
+
 def _progress_bar(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
+    if enabled and not sys.stderr.isatty():
+        return _LineProgress(total, desc)
     return tqdm(
         total=total,
         disable=not enabled,
@@ -104,12 +145,26 @@ def _check_channels(task: str, pre: Preprocessing, info: ModelInfo) -> None:
 
 
 def _build_classification(
-    task: str, data: Any, split: str | None, info: ModelInfo
+    task: str,
+    data: Any,
+    split: str | None,
+    info: ModelInfo,
+    class_order: str | None = None,
+    class_map: str | Path | None = None,
 ) -> ClassificationDataset:
+    if (class_order is not None or class_map is not None) and task != "imagefolder":
+        flag = "--class-order" if class_order is not None else "--class-map"
+        raise EvalError(f"{flag} applies to --task imagefolder only, not {task!r}")
     if task == "imagenet":
         ds = imagenet_dataset(data)
     elif task == "imagefolder":
-        ds = imagefolder_dataset(data, labels=info.labels, num_classes=info.num_classes)
+        ds = imagefolder_dataset(
+            data,
+            labels=info.labels,
+            num_classes=info.num_classes,
+            class_order=class_order,
+            class_map=class_map,
+        )
     else:
         ds = fashion_mnist_dataset(data, split=split or "test")
     n_out = info.num_classes
@@ -211,6 +266,8 @@ def evaluate(
     progress: bool = False,
     output: str | Path | None = None,
     seg_mode: str | None = None,
+    class_order: str | None = None,
+    class_map: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate an exported ONNX model in ONNX Runtime and return the report.
 
@@ -236,6 +293,10 @@ def evaluate(
         output: write the JSON report there (atomically).
         seg_mode: maskaq dense ADE20K graphs: ``whole`` or ``slide`` inference (default: the
             export's ``test_cfg.mode``).
+        class_order: imagefolder: ``"sorted"`` = class index is the sorted folder order
+            (timm's default), whatever the model's labels.
+        class_map: imagefolder: a file mapping folder names to output indices (timm's
+            one-name-a-line layout, or JSON ``{folder: index or label}``).
 
     Dense exports (``maskaq.dense`` metadata, docs/dense.md) run through their registered
     predictors: for COCO give the export directory or its ``backbone_neck.onnx`` (the other
@@ -323,7 +384,7 @@ def evaluate(
 
         # ---- data
         if task in CLASSIFICATION_TASKS:
-            ds: Any = _build_classification(task, data, split, info)
+            ds: Any = _build_classification(task, data, split, info, class_order, class_map)
         elif task == "ade20k":
             from .ade20k import NUM_CLASSES, ade20k_dataset
 

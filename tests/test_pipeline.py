@@ -217,7 +217,7 @@ def test_run_config_and_plans(ckpt):
     assert resolve_plan(RunConfig(model="x", method="mimiq", overrides={"calib.head_mask": "topk"})).calib.head_mask == "topk"
     assert RunConfig.from_json(rc.to_json()) == rc
     assert json.loads(json.dumps(rc.to_json()))["ablations"] == ["no_de", "no_maa", "no_calib_mask", "no_refresh"]
-    with pytest.raises(PipelineError, match="unknown method 'maskq'; valid: maskaq, mimiq, psaq, noise, real"):
+    with pytest.raises(PipelineError, match="unknown method .maskq.; valid: maskaq, mimiq, psaq, psaq_maskaq_settings, spdfq, noise, real"):
         RunConfig(model="x", method="maskq")
     with pytest.raises(PipelineError, match="apply to method 'maskaq' only"):
         RunConfig(model="x", method="mimiq", ablations=("no_de",))

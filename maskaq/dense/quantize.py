@@ -46,6 +46,7 @@ from maskaq.models import DataConfig
 from maskaq.params import read_params
 from maskaq.qmodel import QuantConfig, QuantLinear
 from maskaq.quant import ActQuantizer, WeightQuantizer
+from maskaq.recipes import method_names
 from maskaq.synthesis import SynthResult, synthesize
 
 from .models import (CascadeDetConfig, CascadeMaskRCNN, DetConfig, MaskRCNN, SegConfig, UperNet, quantize_backbone,
@@ -56,14 +57,14 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DenseError", "DENSE_MODELS", "DENSE_METHODS", "SCOPES", "DenseRunConfig", "DenseRunResult",
     "build_dense_model", "dense_data_config", "quantize_dense", "QuantConvAct", "DistillTarget", "calibration_boxes",
-    "dense_distill", "run_dense_pipeline", "load_dense_calibrated", "export_dense",
+    "dense_distill", "run_dense_pipeline", "load_dense_calibrated",
     "DENSE_CALIBRATED_FORMAT",
 ]
 
 DENSE_CALIBRATED_FORMAT = "maskaq-dense-calibrated/1"
 RUN_SCHEMA = "maskaq-dense-run/1"
 #: methods of the classification pipeline that need no real images
-DENSE_METHODS = ("maskaq", "mimiq", "psaq", "noise")
+DENSE_METHODS = method_names(dense=True)  # maskaq.recipes: every method with dense=True
 SCOPES = ("backbone", "all")
 #: the last (prediction) layers of the heads: 8 bit with ``keep_first_last_8bit``
 _PREDICTORS = ("conv_seg", "fc_cls", "fc_reg", "conv_logits", "rpn_cls", "rpn_reg")
@@ -124,7 +125,7 @@ def build_dense_model(name: str, checkpoint: str | os.PathLike | None = None, *,
 def dense_data_config(input_hw: tuple[int, int]) -> DataConfig:
     """Preprocessing of the dense models in maskaq's 0-1 convention: RGB, mmdet/mmseg mean/std
     (123.675, 116.28, 103.53) / (58.395, 57.12, 57.375) on 0-255, at ``input_hw``."""
-    from .export import MEAN_255, STD_255
+    from .settings import MEAN_255, STD_255
 
     H, W = (int(v) for v in input_hw)
     return DataConfig((3, H, W), tuple(m / 255 for m in MEAN_255), tuple(s / 255 for s in STD_255),
@@ -299,7 +300,7 @@ class DenseRunConfig:
 
     Args:
         model: a :data:`DENSE_MODELS` alias. checkpoint: the mmdet/mmseg weights.
-        method: ``maskaq`` | ``mimiq`` | ``psaq`` | ``noise``.
+        method: one of :data:`DENSE_METHODS` (the recipes of :mod:`maskaq.recipes` offered for dense models).
         w_bits, a_bits, keep_first_last_8bit: :class:`maskaq.qmodel.QuantConfig`.
         scope: ``backbone`` | ``all`` (neck and heads too).
         input_size: ``(H, W)`` of the synthetic / noise calibration images (None: the model's
@@ -393,11 +394,13 @@ class DenseRunResult:
 
 
 def _check_out_dir(out: Path, ck: Path, resume: bool, cfg: DenseRunConfig) -> None:
-    if ck.is_dir() and any(ck.iterdir()) and not resume:
+    from maskaq.pipeline import _has_checkpoints
+
+    if _has_checkpoints(ck) and not resume:
         raise DenseError(f"{str(out)!r} already holds checkpoints of a run ({str(ck)!r}); pass --resume "
                          "(resume=True) to continue it, or choose another run directory")
     stored = ck / "run_config.json"
-    if resume and stored.is_file():
+    if resume and stored.is_file() and _has_checkpoints(ck):
         with open(stored) as f:
             old = json.load(f)
         new = cfg.to_json()
@@ -425,10 +428,13 @@ def run_dense_pipeline(cfg: DenseRunConfig, out_dir: str | os.PathLike, *, resum
     out = Path(out_dir)
     ck = out / "ckpt"
     _check_out_dir(out, ck, resume, cfg)
+    from maskaq.pipeline import _has_checkpoints
+
+    resumed = resume and _has_checkpoints(ck)
     plan = cfg.plan()
     out.mkdir(parents=True, exist_ok=True)
     ck.mkdir(exist_ok=True)
-    if not (ck / "run_config.json").is_file():
+    if not resumed or not (ck / "run_config.json").is_file():
         atomic_write_json(ck / "run_config.json", cfg.to_json())
     seed = cfg.seed
     seeds = {k: derive_seed(seed, k) for k in ("model", "synth", "calib", "noise")}
@@ -439,6 +445,9 @@ def run_dense_pipeline(cfg: DenseRunConfig, out_dir: str | os.PathLike, *, resum
     t0 = time.perf_counter()
     P, _ = build_dense_model(cfg.model, cfg.checkpoint, random_weights=cfg.random_weights, seed=seeds["model"] & 0xFFFFFFFF)
     P = P.to(device).eval()
+    from maskaq.models import check_finite_weights
+
+    check_finite_weights(P, f"model {cfg.model!r}")  # once, before any work
     for p in P.parameters():
         p.requires_grad_(False)
     qcfg = cfg.quant_config()
@@ -574,35 +583,3 @@ def load_dense_calibrated(state_path: str | os.PathLike, device: str | torch.dev
         raise DenseError(f"calibrated state {str(path)!r} does not fit its model: {str(e).splitlines()[0]}") from None
     Q.maskaq_method = cfg.method  # type: ignore[attr-defined]
     return Q.to(device).eval(), P.to(device).eval(), cfg
-
-
-def export_dense(Q: nn.Module, task: str, out_dir: str | os.PathLike, canvas: tuple[int, int], *,
-                 opset: int = 20, extra: dict[str, Any] | None = None, optimize: bool = True,
-                 test_scale: tuple[int, int] | None = None) -> dict[str, Path]:
-    """Export a (quantized) dense model into ``out_dir`` for the numpy/ORT harness: COCO ->
-    the four Mask R-CNN graphs, or Cascade Mask R-CNN's eight (``backbone_neck.onnx``,
-    ``rpn_head.onnx``, ``bbox_head_{0,1,2}.onnx``, ``mask_head_{0,1,2}.onnx``);
-    ``backbone_neck.onnx`` (or the directory) is what ``maskaq-eval --task coco`` takes; ADE20K ->
-    ``upernet.onnx``. ``test_scale`` ``(long, short)`` replaces the harness's resize scale in the
-    model's own test settings. Quantized parts get the classifier path's QDQ encoding and an
-    ``.encodings.json`` sidecar (:func:`maskaq.dense.export.export_part`)."""
-    from .export import (DET_TEST_CFG, SEG_TEST_CFG, cascade_test_cfg, export_cascade_mask_rcnn, export_mask_rcnn,
-                         export_upernet)
-
-    if task == "coco":
-        cascade = isinstance(Q, CascadeMaskRCNN)
-        fn, test_cfg = ((export_cascade_mask_rcnn, cascade_test_cfg(Q.cfg)) if cascade
-                        else (export_mask_rcnn, DET_TEST_CFG))
-    elif task == "ade20k":
-        fn, test_cfg = None, SEG_TEST_CFG
-    else:
-        raise DenseError(f"unknown dense task {task!r}; valid: coco, ade20k")
-    extra = dict(extra or {})
-    if test_scale is not None:
-        extra["test_cfg"] = dict(test_cfg, img_scale=[int(test_scale[0]), int(test_scale[1])])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if fn is not None:
-        return fn(Q, out, tuple(canvas), opset=opset, extra=extra, optimize=optimize)
-    return {"upernet": export_upernet(Q, out / "upernet.onnx", tuple(canvas), opset=opset, extra=extra,
-                                      optimize=optimize)}

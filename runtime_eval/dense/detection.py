@@ -1,4 +1,4 @@
-"""Mask R-CNN inference on the exported parts (``maskaq.dense.export.export_mask_rcnn``): the
+"""Mask R-CNN inference on the exported parts (``export.dense_export.export_mask_rcnn``): the
 mmdet 2.x COCO test pipeline and post-processing in numpy + onnxruntime.
 
 ``MaskRCNNPredictor(model_dir)`` is a ``predict_fn(image: PIL.Image, info) -> Detections`` for

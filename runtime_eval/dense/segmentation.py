@@ -1,4 +1,4 @@
-"""UperNet inference on the exported graph (``maskaq.dense.export.export_upernet``): the mmseg
+"""UperNet inference on the exported graph (``export.dense_export.export_upernet``): the mmseg
 ADE20K test pipeline in numpy + onnxruntime.
 
 ``UperNetPredictor(path)`` is a ``predict_fn(image: PIL.Image) -> [H, W] labels 0..K-1`` for

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from maskaq.dense.export import DET_TEST_CFG, SEG_TEST_CFG, cascade_test_cfg, export_cascade_mask_rcnn, \
+from export.dense_export import DET_TEST_CFG, SEG_TEST_CFG, cascade_test_cfg, export_cascade_mask_rcnn, \
     export_mask_rcnn, export_upernet
 from maskaq.dense.models import CascadeDetConfig, CascadeMaskRCNN, DetConfig, MaskRCNN, SegConfig, UperNet, \
     tiny_swin_config

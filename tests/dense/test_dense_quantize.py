@@ -198,7 +198,7 @@ def test_calibration_boxes_cover_all_roi_levels():
 def test_det_parts_export_matches_torch_fake_quant(tmp_path):
     """scope=all: every Mask R-CNN part is quantized, rewritten to the classifier's encoding
     (shared RPN head included) and equals torch fake-quant in ORT's reference QDQ mode."""
-    from maskaq.dense.export import export_mask_rcnn
+    from export.dense_export import export_mask_rcnn
 
     P = _det()
     Q = quantize_dense(P, QuantConfig.parse("4w4a"), "all")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maskaq.dense.export import DET_TEST_CFG, SEG_TEST_CFG, export_mask_rcnn, export_part, export_upernet
+from export.dense_export import DET_TEST_CFG, SEG_TEST_CFG, export_mask_rcnn, export_part, export_upernet
 from maskaq.dense.models import (BackboneNeck, DetConfig, MaskRCNN, SegConfig, UperNet, quantize_backbone,
                                  tiny_swin_config)
 

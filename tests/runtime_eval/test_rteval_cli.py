@@ -38,6 +38,7 @@ def fm(tmp_path):
 
 def test_successful_run_writes_a_valid_report(tmp_path, fm):
     root, q, f = fm
+    (tmp_path / "reports").mkdir()
     out = tmp_path / "reports" / "report.json"
     r = _run(
         [

@@ -104,6 +104,7 @@ def test_fp32_with_other_preprocessing_is_refused(tmp_path):
 
 
 def test_report_write_is_atomic_and_strict_json(tmp_path):
+    (tmp_path / "sub").mkdir()
     out = tmp_path / "sub" / "r.json"
     write_report({"a": float("nan"), "b": np.float32(1.5), "c": [np.int64(2)]}, out)
     assert json.loads(out.read_text()) == {"a": None, "b": 1.5, "c": [2]}

@@ -17,7 +17,7 @@ A quantized part (backbone from :func:`maskaq.dense.models.quantize_backbone` or
 :func:`maskaq.dense.quantize.quantize_dense`, neck/heads optionally) is frozen with
 ``export.freeze.freeze_model``, exported through ``maskaq.quant.export_mode()`` and
 ``export.onnx_export.translation_table``, and then rewritten into the classifier path's exact
-encoding (``export.onnx_export._optimize`` + ``_rewrite_qdq``: CQDQ activations, int8 weight
+encoding (``export.onnx_export.fold_constants`` + ``rewrite_quantizers``: CQDQ activations, int8 weight
 initializers -> DequantizeLinear, every tensor named after its quantizer); the AIMET-layout
 sidecar ``<part>.encodings.json`` is written beside it.
 """
@@ -33,27 +33,16 @@ import onnx
 import torch
 from torch import nn
 
-from .models import BackboneNeck, MaskRCNN, RPNHeadPart, UperNet, UperNetFull
+from maskaq.dense.models import BackboneNeck, MaskRCNN, RPNHeadPart, UperNet, UperNetFull
+from maskaq.dense.settings import (CASCADE_PARTS, DET_PARTS, DET_TEST_CFG, MEAN_255, SEG_TEST_CFG, STD_255,
+                                   cascade_test_cfg)
+
+from .encodings import build_encodings
+from .freeze import freeze_model, uninitialized_quantizers
+from .onnx_export import ExportError, fold_constants, rewrite_quantizers, translation_table
 
 __all__ = ["DET_PARTS", "DenseExportError", "export_part", "export_mask_rcnn", "export_upernet",
            "DET_TEST_CFG", "SEG_TEST_CFG", "MEAN_255", "STD_255", "is_quantized"]
-
-DET_PARTS = ("backbone_neck", "rpn_head", "bbox_head", "mask_head")
-MEAN_255 = [123.675, 116.28, 103.53]
-STD_255 = [58.395, 57.12, 57.375]
-# mmdet 2.x Mask R-CNN test settings (mask_rcnn_r50_fpn.py) and the COCO test pipeline.
-DET_TEST_CFG: dict[str, Any] = {
-    "img_scale": [1333, 800], "size_divisor": 32,
-    "anchor_scales": [8], "anchor_ratios": [0.5, 1.0, 2.0], "anchor_strides": [4, 8, 16, 32, 64],
-    "rpn": {"nms_pre": 1000, "max_per_img": 1000, "iou_threshold": 0.7, "min_bbox_size": 0},
-    "rpn_target_stds": [1.0, 1.0, 1.0, 1.0], "rcnn_target_stds": [0.1, 0.1, 0.2, 0.2],
-    "roi_strides": [4, 8, 16, 32], "finest_scale": 56, "bbox_roi_size": 7, "mask_roi_size": 14,
-    "rcnn": {"score_thr": 0.05, "iou_threshold": 0.5, "max_per_img": 100, "mask_thr_binary": 0.5},
-}
-# mmseg UperNet Swin ADE20K test settings.
-SEG_TEST_CFG: dict[str, Any] = {"img_scale": [2048, 512], "mode": "whole", "crop_size": [512, 512],
-                                "stride": [341, 341]}
-
 
 class DenseExportError(RuntimeError):
     pass
@@ -64,14 +53,6 @@ def is_quantized(model: nn.Module) -> bool:
     from maskaq.quant import ActQuantizer, WeightQuantizer
 
     return any(isinstance(m, (ActQuantizer, WeightQuantizer)) for m in model.modules())
-
-
-def _translation_table(opset: int):
-    try:
-        from export.onnx_export import translation_table
-    except ImportError as e:  # pragma: no cover - export/ is part of this project
-        raise DenseExportError("exporting a quantized model needs export.onnx_export.translation_table") from e
-    return translation_table(opset)
 
 
 def export_part(module: nn.Module, example: Sequence[torch.Tensor], path: str | Path, *,
@@ -90,14 +71,12 @@ def export_part(module: nn.Module, example: Sequence[torch.Tensor], path: str | 
     if quant:
         import copy
 
-        from export.freeze import freeze_model, uninitialized_quantizers
-
         bad = uninitialized_quantizers(module)
         if bad:
             raise DenseExportError(f"{len(bad)} activation quantizer(s) never saw data (run a forward first): {bad[:5]}")
         module = copy.deepcopy(module).eval()
         records = freeze_model(module, "ort")  # constant scales/zero-points: no data-dependent control flow
-        kw["custom_translation_table"] = _translation_table(opset)
+        kw["custom_translation_table"] = translation_table(opset)
     if dynamic_batch:
         kw["dynamic_shapes"] = ({0: torch.export.Dim("num_rois", min=1, max=100000)},)
     ctx = export_mode() if quant else contextlib.nullcontext()
@@ -116,13 +95,10 @@ def export_part(module: nn.Module, example: Sequence[torch.Tensor], path: str | 
         # merging the quantizers' scales, then every quantizer rebuilt under its own name -
         # activations Clip -> Q -> DQ only where the grid is narrower than 8 bit (CQDQ),
         # weights as int8 initializers holding the b-bit integers -> DQ (Linear weights [in, out])
-        from export.encodings import build_encodings
-        from export.onnx_export import ExportError, _optimize, _rewrite_qdq
-
         try:
-            _optimize(prog.model, keep_relu=True)
+            fold_constants(prog.model, keep_relu=True)
             model = prog.model_proto
-            _rewrite_qdq(model, records, int4_block=None, shared_modules=True)
+            rewrite_quantizers(model, records, int4_block=None, shared_modules=True)
         except ExportError as e:
             raise DenseExportError(f"{type(module).__name__}: {e}") from None
         encodings = build_encodings(records, "ort", opset)
@@ -213,17 +189,6 @@ def export_upernet(model: UperNet, path: str | Path, input_hw: tuple[int, int] =
 
 # --- Cascade Mask R-CNN ----------------------------------------------------------------------
 
-CASCADE_PARTS = ("backbone_neck", "rpn_head", "bbox_head_{i}", "mask_head_{i}")
-
-
-def cascade_test_cfg(cfg) -> dict[str, Any]:
-    """mmdet 2.x ``CascadeRoIHead.simple_test`` settings: the Mask R-CNN RPN/RCNN test cfg plus the
-    per-stage box-coder stds and whether regression is class-agnostic."""
-    return dict(DET_TEST_CFG, num_stages=cfg.num_stages,
-                stage_target_stds=[list(s) for s in cfg.stage_target_stds],
-                reg_class_agnostic=bool(cfg.reg_class_agnostic))
-
-
 def export_cascade_mask_rcnn(model, out_dir: str | Path, input_hw: tuple[int, int] = (800, 1344), *,
                              opset: int = 20, extra: dict[str, Any] | None = None,
                              optimize: bool = True) -> dict[str, Path]:
@@ -233,7 +198,7 @@ def export_cascade_mask_rcnn(model, out_dir: str | Path, input_hw: tuple[int, in
     [N, K+1], ``bbox_pred`` [N, 4K] (or [N, 4] class-agnostic)) and ``mask_head_{i}.onnx``
     (``rois`` [N, C, 14, 14] -> ``mask_pred`` [N, K, 28, 28]), N dynamic. ``maskaq.task`` is
     ``coco_instance_cascade``. Returns part -> path."""
-    from .models import CascadeMaskRCNN
+    from maskaq.dense.models import CascadeMaskRCNN
 
     if not isinstance(model, CascadeMaskRCNN):
         raise DenseExportError(f"export_cascade_mask_rcnn needs a CascadeMaskRCNN, got {type(model).__name__}")
@@ -274,4 +239,39 @@ def export_cascade_mask_rcnn(model, out_dir: str | Path, input_hw: tuple[int, in
     return paths
 
 
-__all__ += ["CASCADE_PARTS", "cascade_test_cfg", "export_cascade_mask_rcnn"]
+def _cascade_cls():
+    from maskaq.dense.models import CascadeMaskRCNN
+
+    return CascadeMaskRCNN
+
+
+def export_dense(Q: nn.Module, task: str, out_dir: str | str | Path, canvas: tuple[int, int], *,
+                 opset: int = 20, extra: dict[str, Any] | None = None, optimize: bool = True,
+                 test_scale: tuple[int, int] | None = None) -> dict[str, Path]:
+    """Export a (quantized) dense model into ``out_dir`` for the numpy/ORT harness: COCO ->
+    the four Mask R-CNN graphs, or Cascade Mask R-CNN's eight (``backbone_neck.onnx``,
+    ``rpn_head.onnx``, ``bbox_head_{0,1,2}.onnx``, ``mask_head_{0,1,2}.onnx``);
+    ``backbone_neck.onnx`` (or the directory) is what ``maskaq-eval --task coco`` takes; ADE20K ->
+    ``upernet.onnx``. ``test_scale`` ``(long, short)`` replaces the harness's resize scale in the
+    model's own test settings. Quantized parts get the classifier path's QDQ encoding and an
+    ``.encodings.json`` sidecar (:func:`export_part`)."""
+    if task == "coco":
+        cascade = isinstance(Q, _cascade_cls())
+        fn, test_cfg = ((export_cascade_mask_rcnn, cascade_test_cfg(Q.cfg)) if cascade
+                        else (export_mask_rcnn, DET_TEST_CFG))
+    elif task == "ade20k":
+        fn, test_cfg = None, SEG_TEST_CFG
+    else:
+        raise DenseExportError(f"unknown dense task {task!r}; valid: coco, ade20k")
+    extra = dict(extra or {})
+    if test_scale is not None:
+        extra["test_cfg"] = dict(test_cfg, img_scale=[int(test_scale[0]), int(test_scale[1])])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if fn is not None:
+        return fn(Q, out, tuple(canvas), opset=opset, extra=extra, optimize=optimize)
+    return {"upernet": export_upernet(Q, out / "upernet.onnx", tuple(canvas), opset=opset, extra=extra,
+                                      optimize=optimize)}
+
+
+__all__ += ["CASCADE_PARTS", "cascade_test_cfg", "export_cascade_mask_rcnn", "export_dense", "encodings_path"]
