@@ -209,7 +209,8 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
          analyse: bool = False) -> None:
     """Quantize a Vision Transformer without data (MaskAQ) and export it as a QDQ ONNX file.
 
-    MODEL is an alias (fmnist_vit, deit_t, deit_s, deit_b, vit_t, vit_s, vit_b, swin_t, swin_s),
+    MODEL is an alias (fmnist_vit, fmnist_vit_p7, fmnist_dinov2 (built once by
+    benchmarks/build_dinov2_reference.py), deit_t, deit_s, deit_b, vit_t, vit_s, vit_b, swin_t, swin_s),
     a timm model name, or a maskaq checkpoint file. Dense models (swin_t_mask_rcnn,
     swin_t_upernet) take their own options and write a directory: maskaq-export swin_t_upernet --help.
     """

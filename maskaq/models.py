@@ -59,6 +59,7 @@ ALIASES: dict[str, str] = {
 #: alias -> committed checkpoint file under maskaq/assets (offline, no download).
 LOCAL_ALIASES: dict[str, str] = {
     "fmnist_vit": "fmnist_vit.maskaq.pt",
+    "fmnist_vit_p7": "fmnist_vit_p7.maskaq.pt",
     "fmnist_dinov2": "fmnist_dinov2_s14.maskaq.pt",
 }
 

@@ -84,3 +84,55 @@ def test_fmnist_split_sizes():
     assert xt.shape == (55000, 28, 28) and xv.shape == (5000, 28, 28)
     assert xt.dtype == torch.uint8 and yv.dtype == torch.int64
     assert int(yv.min()) == 0 and int(yv.max()) == 9
+
+
+# ------------------------------------------------------------ fmnist_vit_p7 (issue 11, item 5)
+# A second from-scratch reference model of another shape: width 128, depth 8, 4 heads, 7x7
+# patches (4x4 grid), trained by `train_reference.py --config fmnist_vit_p7`.
+
+P7 = ASSETS / LOCAL_ALIASES["fmnist_vit_p7"]
+
+
+@pytest.fixture(scope="module")
+def lm_p7():
+    return load_model("fmnist_vit_p7")
+
+
+def test_p7_checkpoint_small_and_self_describing():
+    assert P7.is_file() and P7.stat().st_size <= MAX_BYTES
+    obj = torch.load(str(P7), map_location="cpu", weights_only=True)
+    assert obj["format"] == "maskaq-checkpoint/1" and obj["architecture"] == "vit_tiny_patch16_224"
+    extra = obj["extra"]
+    assert extra["config"] == "fmnist_vit_p7" and "--config fmnist_vit_p7" in extra["command"]
+    assert "55000..59999" in extra["split"]["val"]
+
+
+def test_p7_shape_differs_from_fmnist_vit(lm_p7, lm):
+    m = lm_p7.model
+    assert tuple(m.patch_embed.grid_size) == (4, 4) and m.patch_embed.proj.kernel_size == (7, 7)
+    assert len(m.blocks) == 8 and m.embed_dim == 128 and all(b.attn.num_heads == 4 for b in m.blocks)
+    assert m.patch_embed.proj.in_channels == 1 and m.num_classes == 10 and m.global_pool == "token"
+    assert 1_500_000 < sum(p.numel() for p in m.parameters()) < 1_700_000
+    assert lm_p7.data_config.input_size == (1, 28, 28) and lm_p7.labels == fmnist.CLASSES
+    assert (len(m.blocks), m.embed_dim) != (len(lm.model.blocks), lm.model.embed_dim)
+
+
+def test_p7_accuracy_on_validation_images(lm_p7):
+    if not fmnist.available():
+        pytest.skip("Fashion-MNIST files absent (Debian package 'fashion-mnist' not installed, "
+                    "no $MASKAQ_FMNIST): cannot measure accuracy")
+    x, y = fmnist.load_split("val")
+    x, y = x[:400], y[:400]
+    with torch.no_grad():
+        pred = lm_p7.model(fmnist.model_input(x, lm_p7.data_config)).argmax(-1)
+    acc = (pred == y).float().mean().item()
+    assert acc > 0.75, f"top-1 on 400 validation images {acc:.3f} <= 0.75"
+
+
+def test_train_reference_config_sets_the_shape():
+    from benchmarks import train_reference as tr
+
+    assert tr.CONFIGS["fmnist_vit_p7"] == dict(embed_dim=128, depth=8, heads=4, patch_size=7, mlp_ratio=4.0)
+    with pytest.raises(SystemExit) as e:  # 28 px does not divide into 5 px patches
+        tr.main(["--config", "fmnist_vit_p7", "--patch-size", "5"])
+    assert e.value.code == 2
