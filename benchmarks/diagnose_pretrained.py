@@ -37,6 +37,8 @@ VARIANTS = {
     "mse": dict(init="mse", weight_clip="mse"),
     "mse_quantizers_only": dict(init="mse", weight_clip="mse", train="quantizers"),
     "mse_lr1e-4": dict(init="mse", weight_clip="mse", lr=1e-4, lr_min=1e-6),
+    # the fix: each parameter's step bounded relative to its norm
+    "mse_max_update": dict(init="mse", weight_clip="mse", max_update=1e-3),
 }
 
 

@@ -125,6 +125,12 @@ class CalibConfig:
         train: which parameters of Q train: ``"all"`` (reference: latent weights, biases,
             LayerNorm, embeddings, LayerScale, quantizer steps/zero-points) or ``"quantizers"``
             (only the activation quantizers' steps and zero-points).
+        max_update: [ours] trust bound on each model parameter's step: its gradient is scaled
+            down so that ``lr * |g| <= max_update * |p|`` (quantizer parameters excepted; 0 =
+            off, the reference). SGD at a fixed learning rate is not scale-free: on a pretrained
+            DINOv2 ViT-S the KD gradient relative to the weight was 10-300x that of the
+            from-scratch reference model (patch embedding 252x), so one epoch at lr 1e-3 (or
+            1e-4) wrecked it (benchmarks/results/pretrained_diagnosis.md).
     """
 
     epochs: int = 200
@@ -150,6 +156,7 @@ class CalibConfig:
     holdout: float = 0.0
     keep_best: bool = False
     train: str = "all"
+    max_update: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> CalibError:
@@ -199,6 +206,8 @@ class CalibConfig:
             raise bad("init_percentile", "a number in (50, 100]")
         if not 0 <= float(self.holdout) < 1:
             raise bad("holdout", "a fraction in [0, 1)")
+        if not 0 <= float(self.max_update) < 1:
+            raise bad("max_update", "a number in [0, 1) (0 = off)")
         if self.train not in TRAIN_SCOPES:
             raise bad("train", ", ".join(TRAIN_SCOPES))
 
@@ -722,6 +731,18 @@ def peek_state(path: str | os.PathLike) -> dict[str, Any] | None:
     return _read_state(p) if p.is_file() else None
 
 
+@torch.no_grad()
+def _bound_updates(params: Sequence[nn.Parameter], lr: float, ratio: float) -> None:
+    """Scale each gradient so that the SGD step ``lr * |g|`` is at most ``ratio * |p|``."""
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        pn, gn = float(p.detach().norm()), float(g.norm())
+        if pn > 0 and gn > 0 and lr * gn > ratio * pn:
+            g.mul_(ratio * pn / (lr * gn))
+
+
 def _split_holdout(data: BatchSource, frac: float, seed: int) -> tuple[BatchSource, torch.Tensor | None, Any]:
     """``(train, held_out, keep)``: a seeded ``frac`` of a sample tensor held back (at least one
     image, at least one left to train on); ``keep`` indexes the training part (the same indices
@@ -827,6 +848,8 @@ def calibrate(
     if not params:
         raise CalibError("Q has no trainable parameters")
     data, held, keep_idx = _split_holdout(data, float(cfg.holdout), seed)
+    qparams = {id(p) for _, m in quantizers(Q) if isinstance(m, ActQuantizer) for p in m.parameters()}
+    bounded = [p for p in params if id(p) not in qparams]
     opt = torch.optim.SGD(params, lr=cosine_lr(cfg, start_epoch), momentum=cfg.momentum,
                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     result = CalibResult()
@@ -993,6 +1016,8 @@ def calibrate(
                             # DDP: cls_token's gradient arrives as a strided view (harmless)
                             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
                             loss.backward()
+                        if cfg.max_update > 0:
+                            _bound_updates(bounded, lr, cfg.max_update)
                         opt.step()
                     else:
                         sums["skipped"] += 1

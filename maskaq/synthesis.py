@@ -178,7 +178,7 @@ class SynthConfig:
                             ("tv_form", TV_FORMS)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not valid; valid: {', '.join(valid)}")
-        for name in ("restarts", "tv_target_batch", "msr_max_crops"):
+        for name in ("steps", "restarts", "tv_target_batch", "msr_max_crops"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")

@@ -55,14 +55,19 @@ def test_strict_loading_names_keys(tmp_path):
     bad = dict(sd)
     del bad["blocks.0.attn.qkv.weight"]
     bad["extra.weight"] = torch.zeros(1)
-    bad["head.weight"] = torch.zeros(5, 48)
+    bad["head.bias"] = torch.zeros(12)
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(ModelError) as e:
         load_model(arch, checkpoint=tmp_path / "bad.pth", **kw)
     msg = str(e.value)
     assert "missing keys: blocks.0.attn.qkv.weight" in msg
     assert "unexpected keys: extra.weight" in msg
-    assert "head.weight (checkpoint (5, 48) vs model (10, 48))" in msg
+    assert "head.bias (checkpoint (12,) vs model (10,))" in msg
+    # a head whose size contradicts the given num_classes is named before loading (issue 13)
+    bad["head.weight"] = torch.zeros(5, 48)
+    torch.save(bad, tmp_path / "bad5.pth")
+    with pytest.raises(ModelError, match=r"num_classes=10 \(the checkpoint says 5\)"):
+        load_model(arch, checkpoint=tmp_path / "bad5.pth", **kw)
 
 
 def test_unreadable_checkpoint(tmp_path):
