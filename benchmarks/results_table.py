@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import statistics
 import sys
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fmnist import load_split, normalize  # noqa: E402
+from fmnist import load_split, model_input  # noqa: E402
 
 from maskaq.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from maskaq.recipes import RECIPES  # noqa: E402
@@ -86,7 +85,7 @@ def torch_top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: 
 
 def eval_split(split: str, data_config: Any) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = load_split(split)
-    return normalize(x, data_config.mean, data_config.std), y
+    return model_input(x, data_config), y
 
 
 def onnx_top1(path: Path) -> float:
@@ -118,7 +117,7 @@ def run_arm(arm: tuple[str, str, tuple[str, ...], str], seed: int, out: Path, pr
 
         n = apply_overrides(get_preset(preset), overrides).num_images
         idx = torch.randperm(len(xs), generator=g)[:n]
-        real = normalize(xs[idx], dcfg.mean, dcfg.std)
+        real = model_input(xs[idx], dcfg)
     cfg = RunConfig(model=model, method=method, w_bits=w, a_bits=a, preset=preset, seed=seed, ablations=abl,
                     overrides=overrides)
     res = run_pipeline(cfg, run_dir, resume=resume, device=device, progress=sys.stderr.isatty(), real_data=real)
