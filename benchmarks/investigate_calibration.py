@@ -115,14 +115,11 @@ def write_report(out: Path, md: Path) -> None:
     from maskaq.io import atomic_write_bytes
 
     recs = _records(out)
-    fp = {}
     lines = ["# Calibration investigation (validation slice only)", "",
              "Produced by `python benchmarks/investigate_calibration.py` (commands in the docstring and in",
              "docs/RESULTS.md); PyTorch fake-quant top-1 on the first N validation images (training images",
              f"55,000+), never the test set. CPU: {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores.", ""]
-    for p in sorted({(r["model"]) for r in recs}):
-        fp[p] = None
     by: dict[tuple, list[dict[str, Any]]] = {}
     for r in recs:
         by.setdefault((r["model"], r["tag"]), []).append(r)

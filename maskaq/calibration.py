@@ -936,9 +936,7 @@ def calibrate(
     if guard is not None and not guard["history"]:
         consider(-1)  # the initial state (after the range search): calibration must beat it
 
-    record_what: tuple[str, ...] = ()
-    if cfg.gamma > 0:
-        record_what = ("head_out", "logits") if cfg.head_mask == "cls_attention" else ("head_out",)
+    record_what = _p_records(cfg)
 
     total_epochs = cfg.epochs
     bar = None
@@ -993,13 +991,7 @@ def calibrate(
                         rq, zq = [], model(x_loc)
                     l_kd = kd_loss(zq, zp, cfg.kd_temperature) if distill is None else distill(zq, zp)
                     if record_what:
-                        weights = None
-                        if cfg.head_mask == "cls_attention":
-                            weights = cls_attention_weights([r.logits for r in rp], rp[0].geometry.prefix,
-                                                            cfg.head_mask_ratio, cfg.head_mask_weight)
-                        l_hd = head_distill_loss([r.head_out for r in rp], [r.head_out for r in rq], _prefixes(rp),
-                                                 mask=cfg.head_mask, ratio=cfg.head_mask_ratio,
-                                                 high=cfg.head_mask_weight, weights=weights)
+                        l_hd = _hd_loss(rp, rq, cfg)
                     else:
                         l_hd = torch.zeros((), device=device)
                     loss = (l_kd + cfg.gamma * l_hd) * scale
@@ -1089,6 +1081,24 @@ def calibrate(
     return result
 
 
+def _p_records(cfg: CalibConfig) -> tuple[str, ...]:
+    """What L_HD reads from P's attention (nothing when gamma = 0)."""
+    if cfg.gamma <= 0:
+        return ()
+    return ("head_out", "logits") if cfg.head_mask == "cls_attention" else ("head_out",)
+
+
+def _hd_loss(rp: list, rq: list, cfg: CalibConfig) -> torch.Tensor:
+    """L_HD from P's and Q's attention records, with the token weights ``cfg.head_mask`` asks for."""
+    weights = None
+    if cfg.head_mask == "cls_attention":
+        weights = cls_attention_weights([r.logits for r in rp], rp[0].geometry.prefix,
+                                        cfg.head_mask_ratio, cfg.head_mask_weight)
+    return head_distill_loss([r.head_out for r in rp], [r.head_out for r in rq], _prefixes(rp),
+                             mask=cfg.head_mask, ratio=cfg.head_mask_ratio, high=cfg.head_mask_weight,
+                             weights=weights)
+
+
 def _initial_ranges(Q: nn.Module, data: BatchSource, cfg: CalibConfig, seed: int,
                     device: torch.device) -> dict[str, Any] | None:
     """Range search before training (:mod:`maskaq.ranges`) on the first ``init_batches``
@@ -1118,21 +1128,15 @@ def _held_out_score(P: nn.Module, Q: nn.Module, held: torch.Tensor, cfg: CalibCo
     agreement on the held-out samples."""
     tot = {"kd": 0.0, "hd": 0.0, "agree": 0.0}
     n = 0
-    what = ("head_out", "logits") if cfg.head_mask == "cls_attention" else ("head_out",)
+    what = _p_records(cfg)
     for i in range(0, held.shape[0], cfg.batch_size):
         x = held[i:i + cfg.batch_size].to(device=device, dtype=torch.float32)
-        if cfg.gamma > 0:
+        if what:
             with record_attention(P, what=what) as rp:
                 zp = P(x)
             with record_attention(Q, what=("head_out",)) as rq:
                 zq = Q(x)
-            weights = None
-            if cfg.head_mask == "cls_attention":
-                weights = cls_attention_weights([r.logits for r in rp], rp[0].geometry.prefix,
-                                                cfg.head_mask_ratio, cfg.head_mask_weight)
-            hd = float(head_distill_loss([r.head_out for r in rp], [r.head_out for r in rq], _prefixes(rp),
-                                         mask=cfg.head_mask, ratio=cfg.head_mask_ratio, high=cfg.head_mask_weight,
-                                         weights=weights))
+            hd = float(_hd_loss(rp, rq, cfg))
         else:
             zp, zq, hd = P(x), Q(x), 0.0
         b = x.shape[0]

@@ -232,17 +232,18 @@ def init_ranges(
         m.is_signed.fill_(signed)
         m.sync_flags()
         qmin, qmax = m.grid()
-        if method == "minmax":
-            lo, hi = min(lo0, 0.0), max(hi0, 0.0)
-        elif method == "percentile":
-            p = float(percentile) / 100.0
-            xs = x.double()
-            lo = min(float(torch.quantile(xs, 1 - p)), 0.0)
-            hi = max(float(torch.quantile(xs, p)), 0.0)
+        if method == "mse":
+            lo, hi, mse = search_range(x, lo0, hi0, qmin, qmax, symmetric=m.symmetric)
         else:
-            lo, hi, _ = search_range(x, lo0, hi0, qmin, qmax, symmetric=m.symmetric)
+            if method == "minmax":
+                lo, hi = min(lo0, 0.0), max(hi0, 0.0)
+            else:  # percentile
+                p = float(percentile) / 100.0
+                xs = x.double()
+                lo = min(float(torch.quantile(xs, 1 - p)), 0.0)
+                hi = max(float(torch.quantile(xs, p)), 0.0)
+            mse = float(quant_mse(x, torch.tensor([lo]), torch.tensor([hi]), qmin, qmax, m.symmetric)[0])
         s, z = range_to_qparams(torch.tensor([lo]), torch.tensor([hi]), qmin, qmax, m.symmetric)
-        mse = float(quant_mse(x, torch.tensor([lo]), torch.tensor([hi]), qmin, qmax, m.symmetric)[0])
         mse0 = float(quant_mse(x, torch.tensor([min(lo0, 0.0)]), torch.tensor([max(hi0, 0.0)]), qmin, qmax,
                                m.symmetric)[0])
         m.scale.fill_(float(s[0]))
