@@ -39,6 +39,17 @@ VARIANTS = {
     "mse_lr1e-4": dict(init="mse", weight_clip="mse", lr=1e-4, lr_min=1e-6),
     # the fix: each parameter's step bounded relative to its norm
     "mse_max_update": dict(init="mse", weight_clip="mse", max_update=1e-3),
+    # scale-free steps: Adam, the quantizers at lr, the model's own parameters at weight_lr
+    "adam_q1e-3_w1e-5": dict(init="mse", weight_clip="mse", optimizer="adam", lr=1e-3, lr_min=1e-5, weight_lr=1e-5),
+    "adam_q1e-3_w1e-4": dict(init="mse", weight_clip="mse", optimizer="adam", lr=1e-3, lr_min=1e-5, weight_lr=1e-4),
+    "adam_q1e-3_w1e-6": dict(init="mse", weight_clip="mse", optimizer="adam", lr=1e-3, lr_min=1e-5, weight_lr=1e-6),
+    "adam_quantizers_only": dict(init="mse", weight_clip="mse", optimizer="adam", lr=1e-3, lr_min=1e-5,
+                                 train="quantizers"),
+    # GPTQ rounding of the weights (maskaq.gptq) as the start, then each way of training
+    "gptq_quantizers_only": dict(init="mse", weight_clip="mse", weight_init="gptq", train="quantizers"),
+    "gptq_sgd": dict(init="mse", weight_clip="mse", weight_init="gptq"),
+    "gptq_adam_w1e-6": dict(init="mse", weight_clip="mse", weight_init="gptq", optimizer="adam", lr=1e-3,
+                            lr_min=1e-5, weight_lr=1e-6),
 }
 
 

@@ -66,6 +66,8 @@ HEAD_MASKS = ("topk", "none", "cls_attention")
 AUGMENTS = ("simclr", "none")
 AUGMENT_PER = ("batch", "image")
 TRAIN_SCOPES = ("all", "quantizers")
+OPTIMIZERS = ("sgd", "adam")
+WEIGHT_INITS = ("rtn", "gptq")
 SSIM_C2 = 0.03**2
 
 
@@ -131,6 +133,15 @@ class CalibConfig:
             DINOv2 ViT-S the KD gradient relative to the weight was 10-300x that of the
             from-scratch reference model (patch embedding 252x), so one epoch at lr 1e-3 (or
             1e-4) wrecked it (benchmarks/results/pretrained_diagnosis.md).
+        optimizer: ``"sgd"`` (reference: SGD with ``momentum``/``nesterov``) or ``"adam"``
+            ([ours]; Adam's step is ``~lr`` whatever the gradient's scale, so one learning rate
+            serves models whose gradients differ by orders of magnitude; betas (0.9, 0.999)).
+        weight_lr: [ours] learning rate of the model's own parameters (latent weights, biases,
+            norms, embeddings) when it should differ from the quantizers' ``lr``; 0 = ``lr``
+            (the reference: one learning rate for everything). Annealed by the same cosine.
+        weight_init: how the latent weights start: ``"rtn"`` (reference: as they are, rounded to
+            nearest by the quantizer) or ``"gptq"`` ([ours], :mod:`maskaq.gptq`: rounded onto the
+            same grid by GPTQ on the inputs each layer sees on ``init_batches`` calibration batches).
     """
 
     epochs: int = 200
@@ -157,6 +168,9 @@ class CalibConfig:
     keep_best: bool = False
     train: str = "all"
     max_update: float = 0.0
+    optimizer: str = "sgd"
+    weight_lr: float = 0.0
+    weight_init: str = "rtn"
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> CalibError:
@@ -210,6 +224,12 @@ class CalibConfig:
             raise bad("max_update", "a number in [0, 1) (0 = off)")
         if self.train not in TRAIN_SCOPES:
             raise bad("train", ", ".join(TRAIN_SCOPES))
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", ", ".join(OPTIMIZERS))
+        if not float(self.weight_lr) >= 0:
+            raise bad("weight_lr", "a number >= 0 (0 = the same as lr)")
+        if self.weight_init not in WEIGHT_INITS:
+            raise bad("weight_init", ", ".join(WEIGHT_INITS))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -743,6 +763,25 @@ def _bound_updates(params: Sequence[nn.Parameter], lr: float, ratio: float) -> N
             g.mul_(ratio * pn / (lr * gn))
 
 
+def _optimizer(cfg: CalibConfig, params: list[nn.Parameter], model_params: list[nn.Parameter],
+               epoch: int) -> torch.optim.Optimizer:
+    """The calibration optimiser: one parameter group for the activation quantizers (``lr``) and
+    one for the model's own parameters (``weight_lr`` or ``lr``); each group's ``lr_ratio`` is
+    its learning rate relative to ``lr``, so the per-epoch cosine scales both."""
+    ratio = float(cfg.weight_lr) / float(cfg.lr) if cfg.weight_lr > 0 else 1.0
+    own = {id(p) for p in model_params}
+    groups = [{"params": [p for p in params if id(p) not in own], "lr_ratio": 1.0},
+              {"params": [p for p in params if id(p) in own], "lr_ratio": ratio}]
+    groups = [g for g in groups if g["params"]]
+    lr = cosine_lr(cfg, epoch)
+    for g in groups:
+        g["lr"] = lr * g["lr_ratio"]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
 def _split_holdout(data: BatchSource, frac: float, seed: int) -> tuple[BatchSource, torch.Tensor | None, Any]:
     """``(train, held_out, keep)``: a seeded ``frac`` of a sample tensor held back (at least one
     image, at least one left to train on); ``keep`` indexes the training part (the same indices
@@ -850,8 +889,7 @@ def calibrate(
     data, held, keep_idx = _split_holdout(data, float(cfg.holdout), seed)
     qparams = {id(p) for _, m in quantizers(Q) if isinstance(m, ActQuantizer) for p in m.parameters()}
     bounded = [p for p in params if id(p) not in qparams]
-    opt = torch.optim.SGD(params, lr=cosine_lr(cfg, start_epoch), momentum=cfg.momentum,
-                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    opt = _optimizer(cfg, params, bounded, start_epoch)
     result = CalibResult()
     first_epoch = int(start_epoch)
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
@@ -952,7 +990,7 @@ def calibrate(
             data = data_for(epoch, data)
             lr = cosine_lr(cfg, epoch)
             for gparam in opt.param_groups:
-                gparam["lr"] = lr
+                gparam["lr"] = lr * gparam["lr_ratio"]
             stepping = epoch >= cfg.warmup_gate_epochs
             g_aug = _gen(seed, "calib", "augment", epoch)
             batches, nb = _epoch_batches(data, epoch, cfg.batch_size, seed)
@@ -1009,7 +1047,7 @@ def calibrate(
                             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
                             loss.backward()
                         if cfg.max_update > 0:
-                            _bound_updates(bounded, lr, cfg.max_update)
+                            _bound_updates(bounded, lr * opt.param_groups[-1]["lr_ratio"], cfg.max_update)
                         opt.step()
                     else:
                         sums["skipped"] += 1
@@ -1103,7 +1141,7 @@ def _initial_ranges(Q: nn.Module, data: BatchSource, cfg: CalibConfig, seed: int
                     device: torch.device) -> dict[str, Any] | None:
     """Range search before training (:mod:`maskaq.ranges`) on the first ``init_batches``
     un-augmented training batches; ``init="lsq"`` without weight clipping does nothing here."""
-    if cfg.init == "lsq" and cfg.weight_clip == "none":
+    if cfg.init == "lsq" and cfg.weight_clip == "none" and cfg.weight_init == "rtn":
         return None
     from .ranges import init_ranges
 
@@ -1117,8 +1155,15 @@ def _initial_ranges(Q: nn.Module, data: BatchSource, cfg: CalibConfig, seed: int
 
     rep = init_ranges(Q, loop, method=cfg.init, weight_clip=cfg.weight_clip, percentile=cfg.init_percentile,
                       seed=derive_seed(seed, "calib", "init"))
-    return {"method": rep["method"], "weight_clip": rep["weight_clip"], "batches": len(batches),
-            "time_s": rep["time_s"], "activations": rep["activations"], "weights": rep["weights"]}
+    out = {"method": rep["method"], "weight_clip": rep["weight_clip"], "batches": len(batches),
+           "time_s": rep["time_s"], "activations": rep["activations"], "weights": rep["weights"]}
+    if cfg.weight_init == "gptq":
+        from .gptq import gptq_round
+
+        g = gptq_round(Q, loop)
+        out["gptq"] = g
+        out["time_s"] = round(out["time_s"] + g["time_s"], 3)
+    return out
 
 
 @torch.no_grad()

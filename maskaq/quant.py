@@ -201,7 +201,8 @@ class WeightQuantizer(_Quantizer):
         super().__init__(bits)
         self.narrow = narrow
         self.axis = axis
-        # Per-channel clipping ratio in (0, 1] (range search, :mod:`maskaq.ranges`); empty = 1
+        # Per-channel clipping ratio, > 0 (range search, :mod:`maskaq.ranges`: in (0, 1]; GPTQ
+        # (:mod:`maskaq.gptq`) may set it above 1 when a channel's largest level is unused); empty = 1
         # everywhere. A buffer, not a parameter: it stays fixed while the latent weights train.
         self.register_buffer("clip", torch.ones(0))
 
@@ -219,8 +220,8 @@ class WeightQuantizer(_Quantizer):
             self.clip = torch.ones(0, device=self.clip.device)
             return
         r = ratio.detach().float().reshape(-1)
-        if not bool(((r > 0) & (r <= 1)).all()):
-            raise QuantError("weight clipping ratios must lie in (0, 1]")
+        if not bool(((r > 0) & torch.isfinite(r)).all()):
+            raise QuantError("weight clipping ratios must be finite and > 0")
         self.clip = r.to(self.clip.device)
 
     @property
