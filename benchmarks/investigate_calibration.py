@@ -91,12 +91,13 @@ def run_one(model: str, arm: str, setting: str, seed: int, preset: str, override
         import shutil
 
         shutil.rmtree(run_dir)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     res = run_pipeline(cfg, run_dir, device="cpu", progress=False, real_data=real)
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, time.process_time() - c0
     x, y = val_images(model, dcfg, val_limit)
     rec = {"model": model, "arm": arm, "setting": setting, "seed": seed, "preset": preset, "overrides": overrides,
            "val_top1": round(top1(res.Q, x, y), 2), "val_images": len(y), "wall_s": round(wall, 1),
+           "cpu_s": round(cpu, 1),
            "threads": torch.get_num_threads()}
     calib = res.calib
     if calib is not None:

@@ -68,6 +68,7 @@ AUGMENT_PER = ("batch", "image")
 TRAIN_SCOPES = ("all", "quantizers")
 OPTIMIZERS = ("sgd", "adam")
 WEIGHT_INITS = ("rtn", "gptq")
+STAGES = ("distill", "blockwise")
 SSIM_C2 = 0.03**2
 
 
@@ -142,6 +143,12 @@ class CalibConfig:
         weight_init: how the latent weights start: ``"rtn"`` (reference: as they are, rounded to
             nearest by the quantizer) or ``"gptq"`` ([ours], :mod:`maskaq.gptq`: rounded onto the
             same grid by GPTQ on the inputs each layer sees on ``init_batches`` calibration batches).
+        stage: what trains Q after the range initialisation: ``"distill"`` (MaskAQ: ``epochs`` of
+            end-to-end L_KD + gamma L_HD) or ``"blockwise"`` (SPDFQ's stage, :mod:`maskaq.reconstruct`:
+            each transformer block's output matched to P's, ``recon_iters`` Adam iterations at
+            ``recon_lr`` per block; ``epochs``, ``lr`` and the refresh do not apply).
+        recon_iters, recon_lr: iterations per block and Adam learning rate of ``stage="blockwise"``
+            (SPDFQ: 100, 4e-5, cosine).
     """
 
     epochs: int = 200
@@ -171,6 +178,9 @@ class CalibConfig:
     optimizer: str = "sgd"
     weight_lr: float = 0.0
     weight_init: str = "rtn"
+    stage: str = "distill"
+    recon_iters: int = 100
+    recon_lr: float = 4e-5
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> CalibError:
@@ -230,6 +240,12 @@ class CalibConfig:
             raise bad("weight_lr", "a number >= 0 (0 = the same as lr)")
         if self.weight_init not in WEIGHT_INITS:
             raise bad("weight_init", ", ".join(WEIGHT_INITS))
+        if self.stage not in STAGES:
+            raise bad("stage", ", ".join(STAGES))
+        if not isinstance(self.recon_iters, int) or isinstance(self.recon_iters, bool) or self.recon_iters < 1:
+            raise bad("recon_iters", "an integer >= 1")
+        if not float(self.recon_lr) > 0:
+            raise bad("recon_lr", "a number > 0")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -910,11 +926,34 @@ def calibrate(
             torch.set_rng_state(st["rng"]["torch"])
         result.init = st.get("init")
         guard_state = st.get("guard")
+        recon_done = int(st.get("recon_done", 0))
         log.info("resuming calibration at epoch %d of %d from %s", first_epoch, cfg.epochs, ckpt)
 
     else:
         guard_state = None
+        recon_done = 0
         result.init = _initial_ranges(Q, data, cfg, seed, device)
+
+    def save_state(epoch_done: int, **extra: Any) -> None:
+        if ckpt is None:
+            return
+        if rank == 0:
+            atomic_torch_save({
+                "format": CALIB_STATE_FORMAT,
+                "epoch": epoch_done,
+                "cfg": cfg.to_json(),
+                "seed": int(seed),
+                "q_state": {k: v.detach().cpu().clone() for k, v in Q.state_dict().items()},
+                "optimizer": opt.state_dict(),
+                "scheduler": {"kind": "cosine-per-epoch", "next_epoch": epoch_done, "lr": cosine_lr(cfg, epoch_done)},
+                "rng": {"torch": torch.get_rng_state()},
+                "history": {"epochs": result.epochs, "steps": result.steps},
+                "init": result.init,
+                "guard": guard,
+                **extra,
+            }, ckpt)
+        if ddp:
+            torch.distributed.barrier()
 
     R = cfg.refresh_every
     rounds_seen = data_round
@@ -977,6 +1016,10 @@ def calibrate(
     record_what = _p_records(cfg)
 
     total_epochs = cfg.epochs
+    if cfg.stage == "blockwise" and first_epoch < total_epochs:
+        _blockwise_stage(P, Q, data, cfg, seed, device, progress and rank == 0, recon_done, result, save_state,
+                         consider if guard is not None else None)
+        first_epoch = total_epochs  # the epoch loop below does not run
     bar = None
     if progress and rank == 0 and first_epoch < total_epochs:
         from .progress import progress_bar
@@ -1071,23 +1114,7 @@ def calibrate(
                      rec["kd"], rec["hd"], lr, "" if stepping else " [warm-up gate: no step]")
             if guard is not None:
                 consider(epoch)
-            if ckpt is not None:
-                if rank == 0:
-                    atomic_torch_save({
-                        "format": CALIB_STATE_FORMAT,
-                        "epoch": epoch + 1,
-                        "cfg": cfg.to_json(),
-                        "seed": int(seed),
-                        "q_state": {k: v.detach().cpu().clone() for k, v in Q.state_dict().items()},
-                        "optimizer": opt.state_dict(),
-                        "scheduler": {"kind": "cosine-per-epoch", "next_epoch": epoch + 1, "lr": lr},
-                        "rng": {"torch": torch.get_rng_state()},
-                        "history": {"epochs": result.epochs, "steps": result.steps},
-                        "init": result.init,
-                        "guard": guard,
-                    }, ckpt)
-                if ddp:
-                    torch.distributed.barrier()
+            save_state(epoch + 1)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=True)
@@ -1117,6 +1144,45 @@ def calibrate(
         "world_size": world,
     })
     return result
+
+
+def _blockwise_stage(P: nn.Module, Q: nn.Module, data: BatchSource, cfg: CalibConfig, seed: int,
+                     device: torch.device, progress: bool, done: int, result: CalibResult,
+                     save_state: Callable[..., None], consider: Callable[[int], None] | None) -> None:
+    """``stage="blockwise"``: :func:`maskaq.reconstruct.reconstruct_blocks` on the training samples,
+    one epoch record per block, a checkpoint after each block (an interrupted run resumes at the
+    next block); the guard scores the end state as epoch 0."""
+    from .reconstruct import reconstruct_blocks, transformer_blocks
+
+    if isinstance(data, torch.Tensor):
+        images = data
+    else:
+        it, _ = _epoch_batches(data, 0, cfg.batch_size, seed)
+        images = torch.cat([b.float() for b in it])
+    n_blocks = len(transformer_blocks(Q))
+    bar = None
+    if progress and done < n_blocks:
+        from .progress import progress_bar
+
+        bar = progress_bar(n_blocks - done, "reconstruction", "block")
+
+    def block_end(k: int, rec: dict[str, Any]) -> None:
+        result.epochs.append({"epoch": k, "loss": rec["mse_after"], "kd": 0.0, "hd": 0.0, "lr": cfg.recon_lr,
+                              "stepped": True, "images": int(images.shape[0]), "skipped": 0, "round": 0,
+                              "time_s": rec["time_s"], "block": rec["block"], "mse_before": rec["mse_before"]})
+        last = k + 1 == n_blocks
+        if last and consider is not None:
+            consider(0)
+        save_state(cfg.epochs if last else 0, recon_done=k + 1)
+
+    try:
+        reconstruct_blocks(P, Q, images, iters=cfg.recon_iters, lr=cfg.recon_lr,
+                           lr_min_ratio=float(cfg.lr_min) / float(cfg.lr), batch_size=cfg.batch_size,
+                           seed=derive_seed(seed, "calib", "recon"), device=device, start_block=done,
+                           on_block_end=block_end, progress=None if bar is None else bar.update)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _p_records(cfg: CalibConfig) -> tuple[str, ...]:

@@ -137,3 +137,72 @@ def test_weight_lr_sets_the_model_parameters_group_and_follows_the_cosine():
         CalibConfig(weight_lr=-1.0)
     g = _optimizer(cfg, list(Q.parameters()), [p for n, p in Q.named_parameters() if "quantizer" not in n], 1)
     assert sorted(round(pg["lr_ratio"], 6) for pg in g.param_groups) == [0.01, 1.0]
+
+
+# --- block-wise reconstruction (calib.stage=blockwise) -------------------------------------------
+
+def test_transformer_blocks_in_forward_order_for_vit_and_swin():
+    from maskaq.reconstruct import transformer_blocks
+    from tests.tiny_models import tiny_model
+
+    vit = prepare_model(tiny_model("vit").model.eval())
+    assert transformer_blocks(vit) == ["blocks.0", "blocks.1"]
+    swin = prepare_model(tiny_model("swin").model.eval())
+    assert transformer_blocks(swin) == ["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.blocks.0",
+                                        "layers.1.blocks.1"]
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_reconstruction_lowers_every_block_output_error_and_leaves_p_alone(kind):
+    from maskaq.ranges import init_ranges
+    from maskaq.reconstruct import reconstruct_blocks
+    from tests.tiny_models import tiny_input, tiny_model
+
+    lm = tiny_model(kind)
+    P = prepare_model(lm.model.eval())
+    Q = quantize_model(P, QuantConfig.parse("3w4a"))
+    x = tiny_input(lm, batch=8, seed=5)
+    init_ranges(Q, lambda m: m(x))
+    p0 = {k: v.clone() for k, v in P.state_dict().items()}
+    recs = reconstruct_blocks(P, Q, x, iters=30, lr=1e-3, batch_size=4, seed=0)
+    assert len(recs) == (2 if kind == "vit" else 4)
+    for r in recs:
+        assert r["mse_after"] < r["mse_before"], r
+    assert all(torch.equal(p0[k], v) for k, v in P.state_dict().items())
+
+
+def test_blockwise_stage_resumes_at_the_next_block_to_the_same_state(tmp_path, monkeypatch):
+    import maskaq.reconstruct as rc
+
+    P, Q = _tiny("4w4a")
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    cfg = CalibConfig(epochs=3, batch_size=4, stage="blockwise", recon_iters=5, recon_lr=1e-3, init="mse",
+                      weight_clip="mse", holdout=0.25, keep_best=True, augment="none")
+    ref = quantize_model(P, QuantConfig.parse("4w4a"))
+    ref.load_state_dict(Q.state_dict())
+    res = calibrate(P, ref, x, cfg, seed=0, progress=False, checkpoint_path=tmp_path / "a.pt")
+    assert [e["block"] for e in res.epochs] == ["blocks.0", "blocks.1"]
+    assert res.guard["history"][0]["epoch"] == -1 and res.guard["history"][-1]["epoch"] == 0
+
+    real = rc.reconstruct_blocks
+
+    def interrupted(*a, **k):
+        user_end = k["on_block_end"]
+
+        def end(i, rec):
+            user_end(i, rec)
+            raise KeyboardInterrupt
+
+        return real(*a, **{**k, "on_block_end": end})
+
+    monkeypatch.setattr(rc, "reconstruct_blocks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(P, Q, x, cfg, seed=0, progress=False, checkpoint_path=tmp_path / "b.pt")
+    monkeypatch.setattr(rc, "reconstruct_blocks", real)
+    Q2 = quantize_model(P, QuantConfig.parse("4w4a"))
+    res2 = calibrate(P, Q2, x, cfg, seed=0, progress=False, checkpoint_path=tmp_path / "b.pt")
+    assert res2.resumed_from == 0 and [e["block"] for e in res2.epochs] == ["blocks.0", "blocks.1"]
+    sa, sb = ref.state_dict(), Q2.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(CalibError, match="stage"):
+        CalibConfig(stage="layerwise")
