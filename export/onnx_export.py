@@ -401,9 +401,8 @@ def rewrite_quantizers(model: onnx.ModelProto, records: dict[str, QuantRecord], 
                 x = f"{qname}.clipped{tag}"
             if not k:
                 st, zp_stored = activation_storage(rec, profile)
-                if st != rec.storage:
-                    rec.onnx_extra["stored_zero_point"] = zp_stored  # model grid [qmin, qmax], z unchanged
-                    rec.storage = st
+                rec.storage = st  # the ONNX type; the record's grid [qmin, qmax] and z stay the model's
+                rec.onnx_extra["stored_zero_point"] = zp_stored
             else:
                 st, zp_stored = rec.storage, int(rec.onnx_extra.get("stored_zero_point", int(rec.zero_point)))
             new_inits += [_tensor(f"{qname}.scale", rec.scale.astype(np.float32)),
