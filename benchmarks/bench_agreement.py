@@ -33,12 +33,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cpuinfo import isa_summary  # noqa: E402
-from benchmarks.fmnist import load_split, model_input  # noqa: E402
-from maskaq.io import atomic_write_bytes  # noqa: E402
-from runtime_eval.model import load_model_info  # noqa: E402
-from runtime_eval.openvino_backend import create_openvino_session, openvino_version  # noqa: E402
-from runtime_eval.session import create_session, run_session  # noqa: E402
+from benchmarks.cpuinfo import isa_summary
+from benchmarks.fmnist import load_split, model_input
+from maskaq.io import atomic_write_bytes
+from runtime_eval.model import load_model_info
+from runtime_eval.openvino_backend import create_openvino_session, openvino_version
+from runtime_eval.session import create_session, run_session
 
 RUNTIMES = ("ort_exact", "ort_deploy", "ov_f32", "ov_bf16")
 PAIRS = (("ort_deploy", "ort_exact"), ("ov_f32", "ort_exact"), ("ov_f32", "ort_deploy"), ("ov_bf16", "ort_exact"))
@@ -48,7 +48,7 @@ TARGET = 99.9
 def export_from_state(state: Path, profile: str, out: Path, model: str) -> None:
     cmd = [sys.executable, "-m", "export.cli", model, "--from-state", str(state), "--profile", profile, "-q",
            "-o", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise SystemExit(f"bench_agreement: export failed: {' '.join(cmd)}\n{r.stderr.strip()}")
 
@@ -92,7 +92,7 @@ def compare(path: Path, x: np.ndarray, y: np.ndarray, threads: int, batch: int) 
         pairs[f"{a} vs {b}"] = {"agreement": float(100.0 * same.mean()), "disagree": int((~same).sum()),
                                 "max_abs_logit_diff": float(np.abs(logits[a] - logits[b]).max())}
     return {"top1": top1, "pairs": pairs, "openvino_kernels": kernels, "openvino_precision": precision,
-            "images": int(len(x))}
+            "images": len(x)}
 
 
 def _calibration(state: Path) -> str:
@@ -176,20 +176,20 @@ def render(res: dict[str, Any]) -> str:
     lines = [
         "# Cross-runtime agreement: ORT exact vs ORT deploy vs OpenVINO", "",
         f"Command: `{res['command']}`  ",
-        f"CPU: {res['cpu']}; onnxruntime {res['onnxruntime']} (CPU provider), openvino {res['openvino']} "
-        f"(CPU plugin); {res['images']} Fashion-MNIST test images; {res['created']}.  ",
+        (f"CPU: {res['cpu']}; onnxruntime {res['onnxruntime']} (CPU provider), openvino {res['openvino']} "
+         f"(CPU plugin); {res['images']} Fashion-MNIST test images; {res['created']}.  "),
         f"Calibration: {cal}" + (f" ({res['calibration_note']})" if res.get("calibration_note") else "") + ".  ",
-        "Agreement: same top-1 class as the reference run; max |dlogit| over all images and classes. "
-        f"Target: OpenVINO f32 vs ORT exact >= {res['target_agreement']}%. bf16 is for information "
-        "(OpenVINO's own default on CPUs with AVX512-BF16/AMX).", "",
-        "| setting | profile | top-1 exact | deploy | OV f32 | OV bf16 | deploy vs exact | OV f32 vs exact "
-        "| OV f32 vs deploy | OV bf16 vs exact | OV int8 layers |",
+        ("Agreement: same top-1 class as the reference run; max |dlogit| over all images and classes. "
+         f"Target: OpenVINO f32 vs ORT exact >= {res['target_agreement']}%. bf16 is for information "
+         "(OpenVINO's own default on CPUs with AVX512-BF16/AMX)."), "",
+        ("| setting | profile | top-1 exact | deploy | OV f32 | OV bf16 | deploy vs exact | OV f32 vs exact "
+         "| OV f32 vs deploy | OV bf16 vs exact | OV int8 layers |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         t, p = r["top1"], r["pairs"]
 
-        def cell(key: str) -> str:
+        def cell(key: str, p: dict[str, Any] = p) -> str:
             c = p[key]
             return f"{c['agreement']:.2f}% ({c['disagree']}), {c['max_abs_logit_diff']:.3f}"
 
@@ -201,8 +201,8 @@ def render(res: dict[str, Any]) -> str:
             f"{t['ov_bf16']:.2f} | {cell('ort_deploy vs ort_exact')} | {cell('ov_f32 vs ort_exact')}{mark} | "
             f"{cell('ov_f32 vs ort_deploy')} | {cell('ov_bf16 vs ort_exact')} | "
             f"{k.get('int8_layers', '?')} / {k.get('int8_layers', 0) + k.get('float_layers', 0)} |")
-    lines += ["", "Cells: agreement (images that disagree), max |dlogit|. Mechanism and encoding: "
-              "docs/export-notes.md, \"OpenVINO agreement\".", ""]
+    lines += ["", ("Cells: agreement (images that disagree), max |dlogit|. Mechanism and encoding: "
+                   "docs/export-notes.md, \"OpenVINO agreement\"."), ""]
     return "\n".join(lines)
 
 

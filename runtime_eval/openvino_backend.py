@@ -117,7 +117,7 @@ class OpenVINOSession:
         for port in compiled.outputs:
             for name in port.get_names():
                 self._outputs.setdefault(name, port)
-        self.output_names = [sorted(p.get_names())[0] if p.get_names() else str(i)
+        self.output_names = [min(p.get_names()) if p.get_names() else str(i)
                              for i, p in enumerate(compiled.outputs)]
         self._meta: dict[str, str] | None = None
 
@@ -142,7 +142,7 @@ class OpenVINOSession:
         return SimpleNamespace(custom_metadata_map=dict(self._meta))
 
     def _ports(self, ports: Any) -> list[Any]:
-        return [SimpleNamespace(name=sorted(p.get_names())[0] if p.get_names() else "",
+        return [SimpleNamespace(name=min(p.get_names()) if p.get_names() else "",
                                 shape=[d.get_length() if d.is_static else None for d in p.get_partial_shape()])
                 for p in ports]
 
@@ -167,23 +167,22 @@ def kernel_census(compiled: Any) -> dict[str, Any]:
     compute: dict[str, Counter] = defaultdict(Counter)
     prims: dict[str, Counter] = defaultdict(Counter)
     n_int = n_float = 0
+    def get(info: Any, key: str) -> str:
+        if key not in info:
+            return "?"
+        v = info[key]
+        return str(v.astype(str)) if hasattr(v, "astype") else str(v)
+
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
-
-        def get(key: str) -> str:
-            v = info[key] if key in info else None
-            if v is None:
-                return "?"
-            return str(v.astype(str)) if hasattr(v, "astype") else str(v)
-
-        lt = get("layerType")
+        lt = get(info, "layerType")
         if lt in _SKIP:
             continue
-        prec = get("runtimePrecision")
+        prec = get(info, "runtimePrecision")
         layers[lt][prec] += 1
         if lt in COMPUTE_LAYERS:
             compute[lt][prec] += 1
-            prims[lt][get("primitiveType")] += 1
+            prims[lt][get(info, "primitiveType")] += 1
             if prec in _INT8:
                 n_int += 1
             else:

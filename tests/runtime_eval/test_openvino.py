@@ -137,7 +137,7 @@ def test_bf16_precision_is_reported(exported):
     ],
 )
 def test_bad_runtime_options_are_one_line(exported, args, msg):
-    path, root, d = exported
+    path, root, _ = exported
     r = _run([path, "--task", "fashion-mnist", "--data", root, "-q", *args])
     assert r.exit_code == 2
     err = _stderr(r).strip()
