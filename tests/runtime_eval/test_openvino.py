@@ -155,3 +155,16 @@ def test_missing_openvino_is_one_line_exit_2(exported, monkeypatch):
     assert err == ("maskaq-eval: error: --runtime openvino needs the openvino package, which is not "
                    "installed: pip install 'maskaq[openvino]'")
     assert not out.exists()
+
+
+def test_ade20k_segmenter_runs_in_openvino_like_ort(tmp_path):
+    """A dense task goes through the same session interface: same mIoU in both runtimes."""
+    from runtime_eval import evaluate
+
+    H.ade_fixture(tmp_path / "ade")
+    model = H.segmenter(tmp_path / "seg.onnx")
+    reps = {rt: evaluate(model, "ade20k", tmp_path / "ade", runtime=rt, workers=1,
+                         **({"providers": ["cpu"]} if rt == "ort" else {})) for rt in ("ort", "openvino")}
+    assert reps["openvino"]["metrics"]["mIoU"] == pytest.approx(reps["ort"]["metrics"]["mIoU"], abs=1e-6)
+    assert reps["openvino"]["runtime"]["runtime"] == "openvino"
+    assert reps["openvino"]["runtime"]["kernels"]["compute"]["Convolution"]
