@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +82,12 @@ def openvino_version() -> str:
     return str(v).split("-")[0]
 
 
+_OV_NOISE = re.compile(r"(Exception from |Check '[^']*' failed at )\S+?\.(cpp|hpp):\d+:\s*")
+
+
 def _short(e: Exception, limit: int = 400) -> str:
-    msg = " ".join(str(e).split())
+    """OpenVINO's exception as one bounded line, without its source-file breadcrumbs."""
+    msg = _OV_NOISE.sub("", " ".join(str(e).split()))
     return msg if len(msg) <= limit else msg[:limit] + "..."
 
 
