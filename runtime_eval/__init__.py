@@ -14,4 +14,4 @@ from __future__ import annotations
 from .errors import EvalError
 from .runner import TASKS, evaluate
 
-__all__ = ["EvalError", "TASKS", "evaluate"]
+__all__ = ["TASKS", "EvalError", "evaluate"]
