@@ -82,7 +82,7 @@ def build_encodings(records: dict[str, QuantRecord], profile: str, opset: int) -
         if r.block_size:
             entry["block_size"] = r.block_size
             entry["scale_shape"] = list(np.asarray(r.scale).shape)
-        entry.update({k: v for k, v in r.onnx_extra.items() if k in ("qweight", "transposed", "nodes")})
+        entry.update({k: v for k, v in r.onnx_extra.items() if k in ("qweight", "transposed", "nodes", "stored_zero_point")})
         table[name] = entry
     a_bits = sorted({r.bits for r in records.values() if r.kind == "activation" and r.onnx_output})
     w_bits = sorted({r.bits for r in records.values() if r.kind == "weight"})

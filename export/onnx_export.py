@@ -14,8 +14,9 @@ Pipeline of one export (every step a function below)::
 Encodings (docs/export-notes.md):
 * activations, profile ``ort``: 8-bit grids -> Q -> DQ (int8 for signed grids, uint8 for
   unsigned); 2-7 bit grids -> float Clip to ``[(qmin-z)s, (qmax-z)s]`` -> Q -> DQ ("CQDQ": exact
-  and ORT still fuses the MatMuls into integer kernels). Profile ``tensorrt``: the same, int8
-  only, zero-point 0.
+  and ORT still fuses the MatMuls into integer kernels), stored as uint8 ``q - qmin`` with
+  zero-point ``z - qmin`` (:func:`activation_storage`: exact in OpenVINO's float32 arithmetic
+  too). Profile ``tensorrt``: the same, int8 only, zero-point 0.
 * weights: int8 initializers holding the b-bit integers -> DequantizeLinear (per output channel),
   no Q, no Clip. Linear weights are stored transposed (``[in, out]``, axis 1) so the
   DequantizeLinear feeds the MatMul directly (ORT's QDQ fusion and TensorRT both want that).
@@ -57,6 +58,7 @@ __all__ = [
     "ExportError",
     "fold_constants",
     "rewrite_quantizers",
+    "activation_storage",
     "translation_table",
     "ExportResult",
     "export_onnx",
@@ -276,9 +278,31 @@ def _tensor(name: str, arr: np.ndarray, storage: str | None = None) -> onnx.Tens
     return numpy_helper.from_array(np.array(arr, order="C", copy=True), name)
 
 
+def activation_storage(rec: QuantRecord, profile: str = "ort") -> tuple[str, int]:
+    """ONNX storage type and stored zero-point of an activation quantizer.
+
+    Profile ``ort``: a sub-8-bit grid ``[qmin, qmax]`` with ``qmin < 0`` (signed, symmetric or
+    not) is stored as uint8 ``q_u = q - qmin`` with zero-point ``z - qmin`` (in ``[0, 2^b - 1]``,
+    AIMET's own convention). ``(q_u - zp_u) s == (q - z) s``, so ORT's QDQ maths is unchanged to
+    the bit; but OpenVINO computes a QuantizeLinear as ``round(x * (1/s') + shift)`` in float32
+    with ``shift = zp - storage_min`` (``128 + z`` for int8), and adding a shift of ~128 to a
+    value of a few units rounds away its last ~7 bits: near-half-way values then round the
+    other way than ORT's ``round(x / s) + z`` (docs/export-notes.md, "OpenVINO agreement"). With
+    the small uint8 zero-point the shift is ``z - qmin <= 2^b - 1`` and the float32 sum stays
+    (almost) exact. 8-bit grids gain nothing (``z - qmin`` is ``128 + z`` again) and keep their
+    type; profile ``tensorrt`` is int8 by rule.
+    """
+    z = int(np.asarray(rec.zero_point).reshape(-1)[0])
+    if profile == "ort" and rec.kind == "activation" and rec.qmin < 0 and rec.qmax - rec.qmin < 255:
+        return "uint8", z - rec.qmin
+    return rec.storage, z
+
+
 def rewrite_quantizers(model: onnx.ModelProto, records: dict[str, QuantRecord], *, int4_block: int | None,
-                 shared_modules: bool = False) -> None:
+                 shared_modules: bool = False, profile: str = "ort") -> None:
     """Rebuild every quantizer's nodes in its final encoding, named after the quantizer.
+
+    ``profile`` picks the activations' storage (:func:`activation_storage`).
 
     ``shared_modules``: a quantizer may appear more than once (a module called on several
     inputs, e.g. the RPN head shared by the FPN levels): each call of an activation quantizer
@@ -375,14 +399,21 @@ def rewrite_quantizers(model: onnx.ModelProto, records: dict[str, QuantRecord], 
                 nodes.append(helper.make_node("Clip", [x, f"{qname}.clip_min", f"{qname}.clip_max"],
                                               [f"{qname}.clipped{tag}"], name=f"{qname}/Clip{tag}"))
                 x = f"{qname}.clipped{tag}"
+            if not k:
+                st, zp_stored = activation_storage(rec, profile)
+                rec.storage = st  # the ONNX type; the record's grid [qmin, qmax] and z stay the model's
+                rec.onnx_extra["stored_zero_point"] = zp_stored
+            else:
+                st, zp_stored = rec.storage, int(rec.onnx_extra.get("stored_zero_point", int(rec.zero_point)))
             new_inits += [_tensor(f"{qname}.scale", rec.scale.astype(np.float32)),
-                          _tensor(f"{qname}.zero_point", rec.zero_point, rec.storage)]
+                          _tensor(f"{qname}.zero_point", np.asarray(zp_stored), st)]
             nodes.append(helper.make_node("QuantizeLinear", [x, f"{qname}.scale", f"{qname}.zero_point"],
                                           [f"{qname}.quantized{tag}"], name=f"{qname}/QuantizeLinear{tag}"))
             nodes.append(helper.make_node("DequantizeLinear", [f"{qname}.quantized{tag}", f"{qname}.scale", f"{qname}.zero_point"],
                                           [out], name=f"{qname}/DequantizeLinear{tag}"))
             if not k:
-                rec.onnx_extra = {"nodes": [n.name for n in nodes]}
+                rec.onnx_extra = {"nodes": [n.name for n in nodes],
+                                  **{k2: v for k2, v in rec.onnx_extra.items() if k2 == "stored_zero_point"}}
             else:
                 rec.onnx_extra["calls"] = k + 1
             at[id(dq)] = nodes
@@ -695,7 +726,7 @@ def export_onnx(
     del prog, M
     if len(model.graph.output) != 1:
         raise ExportError(f"the model has {len(model.graph.output)} outputs; a classifier must have one (logits)")
-    rewrite_quantizers(model, records, int4_block=int4)
+    rewrite_quantizers(model, records, int4_block=int4, profile=profile)
     model.graph.name = "maskaq"
     model.producer_name = "maskaq"
     model.producer_version = maskaq.__version__

@@ -86,11 +86,25 @@ class _Command(click.Command):
 )
 @click.option(
     "--mode",
-    default="reference",
-    show_default=True,
+    default=None,
     metavar="MODE",
-    help="reference: exact fake-quant (session.disable_quant_qdq=1); "
-    "deploy: ORT's fused integer kernels.",
+    help="reference (default with ort): exact fake-quant (session.disable_quant_qdq=1); "
+    "deploy: ORT's fused integer kernels. OpenVINO is always deploy (its int8 kernels).",
+)
+@click.option(
+    "--runtime",
+    default="ort",
+    show_default=True,
+    type=click.Choice(["ort", "openvino"]),
+    help="ort: ONNX Runtime; openvino: OpenVINO's CPU plugin (pip install 'maskaq[openvino]').",
+)
+@click.option(
+    "--precision",
+    default=None,
+    type=click.Choice(["f32", "bf16"]),
+    help="--runtime openvino only: the CPU plugin's INFERENCE_PRECISION_HINT for the float "
+    "parts. Default f32, so results compare with ORT; OpenVINO's own default is bf16 on CPUs "
+    "with AMX/AVX512-BF16.",
 )
 @click.option(
     "--provider",
@@ -157,7 +171,9 @@ def main(
     data: str | None,
     output: str | None,
     fp32: str | None,
-    mode: str,
+    mode: str | None,
+    runtime: str,
+    precision: str | None,
     providers: tuple[str, ...],
     batch_size: int,
     limit: int | None,
@@ -174,12 +190,13 @@ def main(
     quiet: bool,
     verbose: bool,
 ) -> None:
-    """Evaluate an exported ONNX model in ONNX Runtime and write a JSON report.
+    """Evaluate an exported ONNX model in ONNX Runtime (or OpenVINO) and write a JSON report.
 
     \b
     Example:
       maskaq-eval model.onnx --task imagenet --data ~/imagenet -o report.json
       maskaq-eval q.onnx --task fashion-mnist --fp32 f.onnx --mode deploy --latency
+      maskaq-eval q.onnx --task fashion-mnist --runtime openvino --precision f32
       maskaq-eval mask_rcnn_q/ --task coco --data ~/coco --fp32 mask_rcnn_fp32/
       maskaq-eval upernet_q.onnx --task ade20k --data ~/ADEChallengeData2016 --seg-mode slide
     """
@@ -220,6 +237,8 @@ def main(
             seg_mode=seg_mode,
             class_order=class_order,
             class_map=class_map,
+            runtime=runtime,
+            precision=precision,
         )
     finally:
         lg.removeHandler(handler)

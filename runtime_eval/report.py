@@ -155,10 +155,21 @@ def summary(report: dict[str, Any], path: str | Path | None = None) -> str:
         lines.append(
             "latency   " + " | ".join(cells) + ("  [simulated]" if lat.get("simulated") else "")
         )
-    lines.append(
-        f"runtime   onnxruntime {rt['onnxruntime']}  graph-opt {rt['graph_optimization_level']}  "
-        f"batch {rt['batch_size']}  wall {report['wall_time_s']:.1f} s"
-    )
+    if rt.get("runtime") == "openvino":
+        lines.append(
+            f"runtime   openvino {rt['runtime_version']} (CPU plugin)  precision {rt['precision']}  "
+            f"batch {rt['batch_size']}  wall {report['wall_time_s']:.1f} s"
+        )
+        from .openvino_backend import summary_line
+
+        kern = summary_line(rt.get("kernels"))
+        if kern:
+            lines.append(f"kernels   {kern}")
+    else:
+        lines.append(
+            f"runtime   onnxruntime {rt['onnxruntime']}  graph-opt {rt['graph_optimization_level']}  "
+            f"batch {rt['batch_size']}  wall {report['wall_time_s']:.1f} s"
+        )
     for w in report.get("warnings", []):
         lines.append(f"warning   {w}")
     if path is not None:

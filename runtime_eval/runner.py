@@ -43,6 +43,7 @@ from .session import (
 log = logging.getLogger("runtime_eval")
 
 TASKS = ("imagenet", "imagefolder", "fashion-mnist", "ade20k", "coco")
+RUNTIMES = ("ort", "openvino")
 CLASSIFICATION_TASKS = ("imagenet", "imagefolder", "fashion-mnist")
 
 
@@ -251,7 +252,7 @@ def evaluate(
     data: str | Path | None = None,
     *,
     fp32: str | Path | None = None,
-    mode: str = "reference",
+    mode: str | None = None,
     providers: Sequence[str] | None = None,
     batch_size: int = 32,
     limit: int | None = None,
@@ -268,16 +269,19 @@ def evaluate(
     seg_mode: str | None = None,
     class_order: str | None = None,
     class_map: str | Path | None = None,
+    runtime: str = "ort",
+    precision: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate an exported ONNX model in ONNX Runtime and return the report.
+    """Evaluate an exported ONNX model in ONNX Runtime (or OpenVINO) and return the report.
 
     Args:
         model_path: the ``.onnx`` file (its metadata carries preprocessing, labels, source).
         task: ``imagenet``, ``imagefolder``, ``fashion-mnist``, ``ade20k`` or ``coco``.
         data: the dataset folder (fashion-mnist defaults to /usr/share/datasets/fashion-mnist).
         fp32: the float model, evaluated in the same run on the same inputs; deltas reported.
-        mode: ``reference`` (exact fake-quant, ``session.disable_quant_qdq=1``) or
-            ``deploy`` (ORT's fused integer kernels).
+        mode: ``reference`` (exact fake-quant, ``session.disable_quant_qdq=1``; the default
+            with ORT) or ``deploy`` (ORT's fused integer kernels). OpenVINO has only ``deploy``
+            (its CPU plugin always runs Q/DQ-wrapped layers with its int8 kernels).
         providers: e.g. ``["cuda"]``; default CUDA if usable else CPU. A requested provider
             that is missing or does not start is an error.
         batch_size: images per ``session.run`` (a model with a static batch dim uses its own).
@@ -297,6 +301,11 @@ def evaluate(
             (timm's default), whatever the model's labels.
         class_map: imagefolder: a file mapping folder names to output indices (timm's
             one-name-a-line layout, or JSON ``{folder: index or label}``).
+        runtime: ``ort`` (ONNX Runtime, default) or ``openvino`` (OpenVINO's CPU plugin,
+            the optional ``maskaq[openvino]`` extra; see :mod:`runtime_eval.openvino_backend`).
+        precision: OpenVINO only: ``f32`` (default, comparable with ORT) or ``bf16``, the CPU
+            plugin's ``INFERENCE_PRECISION_HINT`` (OpenVINO's own default is bf16 on CPUs
+            with AMX/AVX512-BF16).
 
     Dense exports (``maskaq.dense`` metadata, docs/dense.md) run through their registered
     predictors: for COCO give the export directory or its ``backbone_neck.onnx`` (the other
@@ -317,6 +326,29 @@ def evaluate(
     t_start = time.perf_counter()
     if task not in TASKS:
         raise EvalError(f"unknown task {task!r} (valid: {', '.join(TASKS)})")
+    if runtime not in RUNTIMES:
+        raise EvalError(f"unknown runtime {runtime!r} (valid: {', '.join(RUNTIMES)})")
+    if runtime == "ort":
+        if precision is not None:
+            raise EvalError("--precision applies to --runtime openvino only (ORT computes in f32)")
+        mode = mode or "reference"
+    else:
+        if mode == "reference":
+            raise EvalError(
+                "OpenVINO has no exact fake-quant (reference) mode: it always runs Q/DQ-wrapped "
+                "layers with its int8 kernels; use --runtime ort for --mode reference"
+            )
+        if providers:
+            raise EvalError("--provider applies to --runtime ort only (OpenVINO runs on its CPU plugin)")
+        if graph_opt != "all":
+            raise EvalError("--graph-opt applies to --runtime ort only")
+        mode = mode or "deploy"
+        precision = precision or "f32"
+        from .openvino_backend import PRECISIONS, openvino_version
+
+        if precision not in PRECISIONS:
+            raise EvalError(f"unknown precision {precision!r} (valid: {', '.join(PRECISIONS)})")
+        openvino_version()  # a missing openvino fails before any work
     if mode not in MODES:
         raise EvalError(f"unknown mode {mode!r} (valid: {', '.join(MODES)})")
     if graph_opt not in GRAPH_OPT_LEVELS:
@@ -330,7 +362,8 @@ def evaluate(
     if workers is not None and workers <= 0:
         raise EvalError(f"--workers must be positive, got {workers}")
     lat_batches = parse_batch_sizes(latency_batches) if latency else []
-    resolve_providers(providers)  # a missing provider fails before any work
+    if runtime == "ort":
+        resolve_providers(providers)  # a missing provider fails before any work
     if output is not None:
         _report.check_output_path(output)
 
@@ -400,16 +433,20 @@ def evaluate(
         indices = select_subset(len(ds), limit)
 
         # ---- sessions
-        sess = create_session(
-            model_path, providers=providers, mode=mode, graph_opt=graph_opt, threads=threads
-        )
-        sess32 = (
-            create_session(
-                fp32, providers=providers, mode=mode, graph_opt=graph_opt, threads=threads
-            )
-            if fp32 is not None
-            else None
-        )
+        if runtime == "openvino":
+            from .openvino_backend import create_openvino_session
+
+            def _open(p: Any) -> Any:
+                return create_openvino_session(p, precision=str(precision), threads=threads)
+        else:
+
+            def _open(p: Any) -> Any:
+                return create_session(
+                    p, providers=providers, mode=str(mode), graph_opt=graph_opt, threads=threads
+                )
+
+        sess = _open(model_path)
+        sess32 = _open(fp32) if fp32 is not None else None
         vnni = cpu_vnni()
         on_cpu = sess.providers_used[0] == "CPUExecutionProvider"
         if mode == "deploy" and info.is_quantized and on_cpu:
@@ -497,7 +534,7 @@ def evaluate(
             "cpu": {"model": cpu_model(), "vnni": "unknown" if vnni is None else vnni},
             "platform": platform.platform(),
             "python": platform.python_version(),
-            "ort_device": ort.get_device(),
+            "ort_device": ort.get_device() if runtime == "ort" else None,
         }
     )
     fp32_section = None
@@ -507,6 +544,7 @@ def evaluate(
             "model": fp32_info.report(),
             "metrics": metrics32,
             "providers_used": sess32.providers_used,
+            "kernels": sess32.report()["kernels"],
             "latency": lat32,
         }
         deltas = _report.numeric_deltas(metrics, metrics32)

@@ -177,10 +177,17 @@ class SessionInfo:
     intra_op_threads: int
     inter_op_threads: int
     config_entries: dict[str, str] = field(default_factory=dict)
+    runtime: str = "onnxruntime"
 
     def report(self) -> dict[str, Any]:
+        # the same keys as runtime_eval.openvino_backend.OpenVINOSessionInfo.report()
         return {
+            "runtime": self.runtime,
+            "runtime_version": ort.__version__,
+            "precision": "f32",  # ORT's CPU/CUDA providers compute the float parts in float32
+            "precision_requested": None,
             "onnxruntime": ort.__version__,
+            "openvino": None,
             "providers_requested": self.providers_requested,
             "providers_requested_explicitly": self.explicit_providers,
             "providers_used": self.providers_used,
@@ -192,6 +199,7 @@ class SessionInfo:
                 "inter_op": self.inter_op_threads or "ort-default",
                 "cpu_count": os.cpu_count(),
             },
+            "kernels": None,  # OpenVINO only (its runtime model says which layers ran int8)
         }
 
 
@@ -284,9 +292,13 @@ def _short(e: Exception, limit: int = 400) -> str:
     return msg if len(msg) <= limit else msg[:limit] + "..."
 
 
-def run_session(info: SessionInfo, feeds: dict[str, Any], outputs: list[str] | None = None) -> list:
-    """``session.run`` with ORT failures turned into :class:`EvalError`."""
+def run_session(info: Any, feeds: dict[str, Any], outputs: list[str] | None = None) -> list:
+    """``session.run`` with runtime failures turned into :class:`EvalError` (``info``: a
+    :class:`SessionInfo` or its OpenVINO twin)."""
     try:
         return info.session.run(outputs, feeds)
+    except EvalError:
+        raise
     except Exception as e:
-        raise EvalError(f"ONNX Runtime failed running the model: {_short(e)}") from None
+        name = "OpenVINO" if getattr(info, "runtime", "onnxruntime") == "openvino" else "ONNX Runtime"
+        raise EvalError(f"{name} failed running the model: {_short(e)}") from None

@@ -39,6 +39,8 @@ def sibling_session_factory(sess_info: Any, model_path):
     from ..session import GRAPH_OPT_LEVELS
 
     path = Path(model_path).resolve()
+    if hasattr(sess_info, "open_sibling"):  # OpenVINO: same precision and threads for every part
+        return sess_info.open_sibling
     s = sess_info.session
     opts = ort.SessionOptions()
     opts.graph_optimization_level = GRAPH_OPT_LEVELS.get(

@@ -100,7 +100,8 @@ def test_quantizer_bank_matches_torch_exactly(bank_data, tmp_path, helpers, prof
 
 def test_bank_graph_encoding(bank_data, tmp_path):
     """Per quantizer: 8-bit -> Q/DQ only; 2-7 bit -> float Clip to the exact range -> Q -> DQ;
-    int8 zero-point for signed grids, uint8 for unsigned (profile ort)."""
+    profile ort: 8-bit grids int8 zero-point if signed, uint8 if unsigned; 2-7 bit grids uint8
+    holding ``q - qmin`` with zero-point ``z - qmin`` (exact in OpenVINO's float32 maths too)."""
     bank, x, dcfg = bank_data
     res = export_onnx(bank, tmp_path / "bank.onnx", data_config=dcfg)
     m = onnx.load(str(res.path))
@@ -111,9 +112,12 @@ def test_bank_graph_encoding(bank_data, tmp_path):
         q = nodes[f"{name}/QuantizeLinear"]
         zp = inits[f"{name}.zero_point"]
         assert zp.shape == () and inits[f"{name}.scale"].shape == ()
-        assert zp.dtype == (np.int8 if signed else np.uint8)
-        assert int(zp) == z and inits[f"{name}.scale"] == np.float32(s)
         qmin, qmax = qrange(bits, signed)
+        if bits == 8:
+            assert zp.dtype == (np.int8 if signed else np.uint8) and int(zp) == z
+        else:
+            assert zp.dtype == np.uint8 and int(zp) == z - qmin
+        assert inits[f"{name}.scale"] == np.float32(s)
         if bits == 8:
             assert f"{name}/Clip" not in nodes and q.input[0] == "input"
         else:

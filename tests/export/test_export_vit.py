@@ -57,8 +57,8 @@ def test_contract_io_and_metadata(vit, helpers):
 
 def test_encodings_structure(vit):
     """Weights: int8 initializers with the b-bit integers -> DequantizeLinear per output channel,
-    no Q and no Clip; activations: float Clip (4-bit grid) -> Q -> DQ, int8/uint8 zero-point by
-    the grid's sign; names follow the quantizers; LayerNorm, GELU, softmax, residual adds float."""
+    no Q and no Clip; activations: float Clip (4-bit grid) -> Q -> DQ, uint8 zero-point
+    ``z - qmin``; names follow the quantizers; LayerNorm, GELU, softmax, residual adds float."""
     m = vit.model
     prod, cons, inits = _graph(m)
     nodes = {n.name: n for n in m.graph.node}
@@ -70,7 +70,8 @@ def test_encodings_structure(vit):
             s, z = q.effective()
             qmin, qmax = q.grid()
             zp = inits[f"{name}.zero_point"]
-            assert zp.dtype == (np.int8 if q.signed else np.uint8) and int(zp) == int(z)
+            # 4-bit grid: uint8 storage q - qmin, zero-point z - qmin (export.activation_storage)
+            assert zp.dtype == np.uint8 and int(zp) == int(z) - qmin
             assert inits[f"{name}.scale"] == np.float32(s.item())
             clip = nodes[f"{name}/Clip"]
             assert [inits[clip.input[1]], inits[clip.input[2]]] == [np.float32(qmin - int(z)) * np.float32(s.item()),
@@ -118,8 +119,11 @@ def test_sidecar_lists_every_quantized_tensor(vit):
         if info["kind"] == "activation":
             (e,) = act[info["onnx_input"]]
             assert info["onnx_input"] in tensors
-            s, z = inits[f"{name}.scale"], int(inits[f"{name}.zero_point"])
-            assert e["scale"] == float(s) and e["offset"] == info["grid"][0] - z and e["bitwidth"] == 4
+            s, zp = inits[f"{name}.scale"], int(inits[f"{name}.zero_point"])
+            # 4-bit grids are stored as uint8 q - qmin: stored zero-point z - qmin = AIMET's -offset
+            assert info["storage"] == "uint8" and info["stored_zero_point"] == zp
+            z = zp + info["grid"][0]
+            assert e["scale"] == float(s) and e["offset"] == info["grid"][0] - z == -zp and e["bitwidth"] == 4
             assert e["min"] == float(np.float32(info["grid"][0] - z) * s) and e["dtype"] == "int"
             assert e["is_symmetric"] == ("True" if z == 0 and info["grid"][0] < 0 else "False")
             assert info["clip"] == [e["min"], e["max"]]
