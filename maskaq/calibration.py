@@ -68,7 +68,7 @@ AUGMENT_PER = ("batch", "image")
 TRAIN_SCOPES = ("all", "quantizers")
 OPTIMIZERS = ("sgd", "adam")
 WEIGHT_INITS = ("rtn", "gptq")
-STAGES = ("distill", "blockwise")
+STAGES = ("distill", "blockwise", "blockwise+distill")
 SSIM_C2 = 0.03**2
 
 
@@ -146,7 +146,12 @@ class CalibConfig:
         stage: what trains Q after the range initialisation: ``"distill"`` (MaskAQ: ``epochs`` of
             end-to-end L_KD + gamma L_HD) or ``"blockwise"`` (SPDFQ's stage, :mod:`maskaq.reconstruct`:
             each transformer block's output matched to P's, ``recon_iters`` Adam iterations at
-            ``recon_lr`` per block; ``epochs``, ``lr`` and the refresh do not apply).
+            ``recon_lr`` per block; ``epochs``, ``lr`` and the refresh do not apply) or
+            ``"blockwise+distill"`` ([ours]: the block-wise stage, then the distillation epochs
+            from its result; with the guard, the run keeps whichever state scores best on the
+            held-out samples: the start, the reconstructed model or an epoch).
+        patience: [ours] with a hold-out, stop the distillation epochs after this many epochs in
+            a row without a new best hold-out score (0 = never stop early).
         recon_iters, recon_lr: iterations per block and Adam learning rate of ``stage="blockwise"``
             (SPDFQ: 100, 4e-5, cosine).
     """
@@ -181,12 +186,13 @@ class CalibConfig:
     stage: str = "distill"
     recon_iters: int = 100
     recon_lr: float = 4e-5
+    patience: int = 0
 
     def __post_init__(self) -> None:
         def bad(name: str, valid: str) -> CalibError:
             return CalibError(f"calib.{name}={getattr(self, name)!r} is invalid; valid: {valid}")
 
-        for name in ("warmup_gate_epochs", "refresh_every"):
+        for name in ("warmup_gate_epochs", "refresh_every", "patience"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise bad(name, "an integer >= 0")
@@ -271,6 +277,10 @@ class CalibResult:
     init: dict[str, Any] | None = None
     #: the guard: hold-out scores per epoch (epoch -1 = the initial state) and which state was kept
     guard: dict[str, Any] | None = None
+    #: block-wise reconstruction (``stage="blockwise..."``): one record per block
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    #: the epoch after which ``patience`` stopped the run (None: it ran all epochs)
+    stopped_early: int | None = None
 
     @property
     def epoch_losses(self) -> list[float]:
@@ -278,7 +288,8 @@ class CalibResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "steps": self.steps, "timings": self.timings,
-                "resumed_from": self.resumed_from, "init": self.init, "guard": self.guard}
+                "resumed_from": self.resumed_from, "init": self.init, "guard": self.guard, "blocks": self.blocks,
+                "stopped_early": self.stopped_early}
 
 
 # --- data sources ---------------------------------------------------------------------------
@@ -927,6 +938,7 @@ def calibrate(
         result.init = st.get("init")
         guard_state = st.get("guard")
         recon_done = int(st.get("recon_done", 0))
+        result.blocks = list(st.get("blocks", []))
         log.info("resuming calibration at epoch %d of %d from %s", first_epoch, cfg.epochs, ckpt)
 
     else:
@@ -999,10 +1011,10 @@ def calibrate(
     def score_held() -> dict[str, float]:
         return _held_out_score(P, Q, held, cfg, device, distill)  # type: ignore[arg-type]
 
-    def consider(epoch: int) -> None:
+    def consider(epoch: int, phase: str = "distill") -> None:
         assert guard is not None
         sc = score_held()
-        rec = {"epoch": epoch, **sc}
+        rec = {"epoch": epoch, "phase": phase, **sc}
         guard["history"].append(rec)
         b = guard["best"]
         if b is None or sc["score"] < b["score"]:
@@ -1011,15 +1023,26 @@ def calibrate(
                  100 * sc["agreement"])
 
     if guard is not None and not guard["history"]:
-        consider(-1)  # the initial state (after the range search): calibration must beat it
+        consider(-1, "init")  # the initial state (after the range search): calibration must beat it
 
     record_what = _p_records(cfg)
 
     total_epochs = cfg.epochs
-    if cfg.stage == "blockwise" and first_epoch < total_epochs:
-        _blockwise_stage(P, Q, data, cfg, seed, device, progress and rank == 0, recon_done, result, save_state,
-                         consider if guard is not None else None)
-        first_epoch = total_epochs  # the epoch loop below does not run
+    n_recon = 0
+    if cfg.stage.startswith("blockwise"):
+        from .reconstruct import transformer_blocks
+
+        n_recon = len(transformer_blocks(Q))
+        only = cfg.stage == "blockwise"
+        if first_epoch < total_epochs and recon_done < n_recon:
+            _blockwise_stage(P, Q, data, cfg, seed, device, progress and rank == 0, recon_done, result, save_state,
+                             consider if guard is not None else None, final=only)
+        if only:
+            first_epoch = total_epochs  # the epoch loop below does not run
+        recon_done = n_recon
+    stale = 0  # distillation epochs since the best hold-out score (for calib.patience; also on resume)
+    if guard is not None and guard.get("best") is not None:
+        stale = sum(1 for h in guard["history"] if h.get("phase") == "distill" and h["epoch"] > guard["best"]["epoch"])
     bar = None
     if progress and rank == 0 and first_epoch < total_epochs:
         from .progress import progress_bar
@@ -1114,12 +1137,21 @@ def calibrate(
                      rec["kd"], rec["hd"], lr, "" if stepping else " [warm-up gate: no step]")
             if guard is not None:
                 consider(epoch)
-            save_state(epoch + 1)
+            stop = False
+            if guard is not None and cfg.patience > 0:
+                stale = 0 if (guard["best"]["epoch"] == epoch and guard["best"].get("phase") == "distill") else stale + 1
+                stop = stale >= cfg.patience and epoch + 1 < total_epochs
+            save_state(total_epochs if stop else epoch + 1, **({"recon_done": recon_done, "blocks": result.blocks} if n_recon else {}))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", refresh=True)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, rec)
+            if stop:
+                log.warning("calibration stopped early after epoch %d: no better hold-out score for %d epochs",
+                            epoch + 1, cfg.patience)
+                result.stopped_early = epoch + 1
+                break
     finally:
         if bar is not None:
             bar.close()
@@ -1128,16 +1160,19 @@ def calibrate(
     if guard is not None and guard["best"] is not None:
         best = guard["best"]
         last = guard["history"][-1]
-        kept = "best" if (cfg.keep_best and best["epoch"] != last["epoch"]) else "final"
+        kept = "best" if (cfg.keep_best and (best["epoch"], best.get("phase")) != (last["epoch"], last.get("phase"))) \
+            else "final"
         if kept == "best":
             Q.load_state_dict(best["q_state"], strict=True)
+            what = ("the block-wise reconstruction" if best.get("phase") == "blockwise" else
+                    "the range initialisation" if best["epoch"] < 0 else f"epoch {best['epoch'] + 1}")
             log.warning("calibration kept the state after %s (hold-out objective %.5f) instead of the final one "
-                        "(%.5f)", "the range initialisation" if best["epoch"] < 0 else f"epoch {best['epoch'] + 1}",
-                        best["score"], last["score"])
+                        "(%.5f)", what, best["score"], last["score"])
         result.guard = {k: v for k, v in guard.items() if k != "best"}
         result.guard["best"] = {k: v for k, v in best.items() if k != "q_state"}
         result.guard["kept"] = kept
         result.guard["kept_epoch"] = best["epoch"] if kept == "best" else last["epoch"]
+        result.guard["kept_phase"] = best.get("phase") if kept == "best" else last.get("phase")
     result.timings.update({
         "total_s": round(time.perf_counter() - t_start, 3),
         "epoch_s": epoch_times,
@@ -1148,7 +1183,8 @@ def calibrate(
 
 def _blockwise_stage(P: nn.Module, Q: nn.Module, data: BatchSource, cfg: CalibConfig, seed: int,
                      device: torch.device, progress: bool, done: int, result: CalibResult,
-                     save_state: Callable[..., None], consider: Callable[[int], None] | None) -> None:
+                     save_state: Callable[..., None], consider: Callable[[int], None] | None,
+                     final: bool = True) -> None:
     """``stage="blockwise"``: :func:`maskaq.reconstruct.reconstruct_blocks` on the training samples,
     one epoch record per block, a checkpoint after each block (an interrupted run resumes at the
     next block); the guard scores the end state as epoch 0."""
@@ -1167,13 +1203,12 @@ def _blockwise_stage(P: nn.Module, Q: nn.Module, data: BatchSource, cfg: CalibCo
         bar = progress_bar(n_blocks - done, "reconstruction", "block")
 
     def block_end(k: int, rec: dict[str, Any]) -> None:
-        result.epochs.append({"epoch": k, "loss": rec["mse_after"], "kd": 0.0, "hd": 0.0, "lr": cfg.recon_lr,
-                              "stepped": True, "images": int(images.shape[0]), "skipped": 0, "round": 0,
-                              "time_s": rec["time_s"], "block": rec["block"], "mse_before": rec["mse_before"]})
+        result.blocks.append({"index": k, "block": rec["block"], "mse_before": rec["mse_before"],
+                              "mse_after": rec["mse_after"], "iters": rec["iters"], "time_s": rec["time_s"]})
         last = k + 1 == n_blocks
         if last and consider is not None:
-            consider(0)
-        save_state(cfg.epochs if last else 0, recon_done=k + 1)
+            consider(-1 if not final else 0, "blockwise")
+        save_state(cfg.epochs if (last and final) else 0, recon_done=k + 1, blocks=result.blocks)
 
     try:
         reconstruct_blocks(P, Q, images, iters=cfg.recon_iters, lr=cfg.recon_lr,

@@ -181,7 +181,7 @@ def test_blockwise_stage_resumes_at_the_next_block_to_the_same_state(tmp_path, m
     ref = quantize_model(P, QuantConfig.parse("4w4a"))
     ref.load_state_dict(Q.state_dict())
     res = calibrate(P, ref, x, cfg, seed=0, progress=False, checkpoint_path=tmp_path / "a.pt")
-    assert [e["block"] for e in res.epochs] == ["blocks.0", "blocks.1"]
+    assert [b["block"] for b in res.blocks] == ["blocks.0", "blocks.1"]
     assert res.guard["history"][0]["epoch"] == -1 and res.guard["history"][-1]["epoch"] == 0
 
     real = rc.reconstruct_blocks
@@ -201,8 +201,34 @@ def test_blockwise_stage_resumes_at_the_next_block_to_the_same_state(tmp_path, m
     monkeypatch.setattr(rc, "reconstruct_blocks", real)
     Q2 = quantize_model(P, QuantConfig.parse("4w4a"))
     res2 = calibrate(P, Q2, x, cfg, seed=0, progress=False, checkpoint_path=tmp_path / "b.pt")
-    assert res2.resumed_from == 0 and [e["block"] for e in res2.epochs] == ["blocks.0", "blocks.1"]
+    assert res2.resumed_from == 0 and [b["block"] for b in res2.blocks] == ["blocks.0", "blocks.1"]
     sa, sb = ref.state_dict(), Q2.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     with pytest.raises(CalibError, match="stage"):
         CalibConfig(stage="layerwise")
+
+
+def test_blockwise_then_distill_scores_each_phase_and_keeps_the_best():
+    P, Q = _tiny("4w4a")
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    cfg = CalibConfig(epochs=2, batch_size=4, stage="blockwise+distill", recon_iters=5, recon_lr=1e-3, init="mse",
+                      weight_clip="mse", holdout=0.25, keep_best=True, augment="none", warmup_gate_epochs=0,
+                      refresh_every=0)
+    res = calibrate(P, Q, x, cfg, seed=0, progress=False)
+    assert [h["phase"] for h in res.guard["history"]] == ["init", "blockwise", "distill", "distill"]
+    assert len(res.blocks) == 2 and len(res.epochs) == 2
+    best = min(res.guard["history"], key=lambda h: h["score"])
+    assert (res.guard["kept_epoch"], res.guard["kept_phase"]) == (best["epoch"], best["phase"])
+
+
+def test_patience_stops_a_diverging_run_and_keeps_the_start():
+    P, Q = _tiny("4w4a")
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    cfg = CalibConfig(epochs=6, batch_size=4, lr=5.0, lr_min=1.0, init="mse", weight_clip="mse", holdout=0.25,
+                      keep_best=True, patience=2, augment="none", warmup_gate_epochs=0, refresh_every=0,
+                      momentum=0.0, nesterov=False)
+    res = calibrate(P, Q, x, cfg, seed=0, progress=False)
+    assert res.stopped_early == 2 and len(res.epochs) == 2
+    assert res.guard["kept_phase"] == "init"
+    with pytest.raises(CalibError, match="patience"):
+        CalibConfig(patience=-1)
