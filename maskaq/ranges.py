@@ -111,12 +111,24 @@ def search_range(x: torch.Tensor, lo0: float, hi0: float, qmin: int, qmax: int, 
 
 
 def search_weight_clip(w: torch.Tensor, bits: int, narrow: bool = False, axis: int = 0,
-                       grid: torch.Tensor | None = None, chunk: int = 1 << 24) -> torch.Tensor:
+                       grid: torch.Tensor | None = None, chunk: int = 1 << 24, block: int = 0) -> torch.Tensor:
     """Per-output-channel clipping ratio ``c_r`` in (0, 1] minimising the channel's quantization
     MSE under the weight quantizer's rule ``s_r = 2 c_r max|w_r| / (2^b - 1)`` (grid
-    ``[-2^(b-1), 2^(b-1)-1]``, narrow drops the lowest level). Returns ``[C]``."""
+    ``[-2^(b-1), 2^(b-1)-1]``, narrow drops the lowest level). Returns ``[C]``.
+
+    ``block=B`` (2-D weights, axis 0): one ratio per block of ``B`` input elements of each
+    output channel (the blocked quantizer's scales), returned ``[C, ceil(K / B)]``. Needs no
+    data: it minimises each block's own weight reconstruction error."""
     g = (_GRID if grid is None else grid).to(torch.float32)
     g = g[g >= 0.2]  # weight channels: an 80 % clip is already extreme
+    if block:
+        C, K = w.shape
+        nb = -(-K // block)
+        Wb = w.detach().float()
+        if nb * block != K:  # zero padding: adds no error and does not change a block's max
+            Wb = torch.nn.functional.pad(Wb, (0, nb * block - K))
+        r = search_weight_clip(Wb.reshape(C * nb, block), bits, narrow, 0, grid, chunk)
+        return r.reshape(C, nb)
     W = w.detach().float().movedim(axis, 0).reshape(w.shape[axis], -1)
     C, K = W.shape
     lo = -(2 ** (bits - 1)) + (1 if narrow else 0)
@@ -187,7 +199,7 @@ def init_ranges(
         if isinstance(m, WeightQuantizer):
             owner = mods[name.rpartition(".")[0]]
             if weight_clip == "mse" and m.enabled and m.bits <= weight_clip_bits:
-                r = search_weight_clip(owner.weight, m.bits, m.narrow, m.axis)
+                r = search_weight_clip(owner.weight, m.bits, m.narrow, m.axis, block=m.block)
                 m.set_clip(r)
                 report["weights"][name] = {"bits": m.bits, "mean_clip": round(float(r.mean()), 4),
                                            "min_clip": round(float(r.min()), 4)}
