@@ -290,8 +290,15 @@ def _set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
 
 
 def _tensor(name: str, arr: np.ndarray, storage: str | None = None) -> onnx.TensorProto:
-    if storage == "int4":
-        return helper.make_tensor(name, TensorProto.INT4, list(arr.shape), np.asarray(arr, np.int8).reshape(-1).tolist())
+    if storage == "int4":  # two values a byte, the first in the low nibble (ONNX's packing), as raw data
+        flat = np.asarray(arr, np.int8).reshape(-1)
+        if flat.size and (flat.min() < -8 or flat.max() > 7):
+            raise ExportError(f"{name}: values outside the INT4 range [-8, 7]")
+        nib = (flat.astype(np.uint8) & 0x0F)
+        if nib.size % 2:
+            nib = np.concatenate([nib, np.zeros(1, np.uint8)])
+        packed = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8)
+        return helper.make_tensor(name, TensorProto.INT4, list(arr.shape), packed.tobytes(), raw=True)
     if storage is not None:
         arr = np.asarray(arr).astype({"int8": np.int8, "uint8": np.uint8}[storage])
     return numpy_helper.from_array(np.array(arr, order="C", copy=True), name)
@@ -540,41 +547,77 @@ def _remove_dead(model: onnx.ModelProto) -> None:
 
 
 def gemm_to_matmul(model: onnx.ModelProto) -> int:
-    """Rewrite each ``Gemm`` whose two operands are DequantizeLinear outputs (a Linear on a 2-D
-    input with quantized input and weight: the classifier head) as ``MatMul -> Sub(-bias)``.
+    """Make a Linear on a 2-D input with quantized input and weight (the classifier head) read
+    ``MatMul -> Sub(-bias)`` instead of ``Gemm`` or ``MatMul -> Add(bias)``.
 
     Why: ORT's CPU QDQ fusion turns ``DQ -> MatMul`` into ``MatMulIntegerToFloat`` for int8 and
-    uint8 activations, but fuses ``DQ -> Gemm`` into ``QGemm`` only for uint8 activations, so a
-    head whose input quantizer is signed stayed a float Gemm in deploy mode. ``MatMul -> Add``
-    is not enough: ORT's MatMulAddFusion (a basic-level pass, before the QDQ fusions) turns a 2-D
-    MatMul + Add back into a Gemm. ``Sub`` of the negated bias computes the same float
-    (``x - (-b) == x + b`` exactly in IEEE) and leaves the MatMul to the integer fusion.
-    Returns the number of Gemms rewritten."""
+    uint8 activations, but ``DQ -> Gemm`` into ``QGemm`` only for uint8 ones, so a head whose input
+    quantizer is signed (a ViT's final LayerNorm output, usually) stayed a float Gemm in deploy
+    mode. ``MatMul -> Add`` on a 2-D input is no better: ORT's MatMulAddFusion (a basic-level pass,
+    before the QDQ fusions) turns it back into a Gemm. ``Sub`` of the negated bias computes the
+    same float (``x - (-b) == x + b`` exactly in IEEE) and leaves the MatMul to the integer
+    fusion. 3-D MatMul + Add (every other Linear) is left alone: ORT fuses that Add into the
+    MatMulIntegerToFloat as its bias. Returns the number of heads rewritten."""
     g = model.graph
     G = _Graph(g)
+    rank: dict[str, int] = {}
+    try:
+        inf = onnx.shape_inference.infer_shapes(model)
+        for vi in list(inf.graph.value_info) + list(inf.graph.input) + list(inf.graph.output):
+            if vi.type.tensor_type.HasField("shape"):
+                rank[vi.name] = len(vi.type.tensor_type.shape.dim)
+    except Exception:  # noqa: BLE001 - no shapes (e.g. > 2 GB): Gemms only
+        rank = {}
+
+    def from_dq(name: str) -> bool:
+        p = G.producer.get(name)
+        return p is not None and p.op_type == "DequantizeLinear"
+
+    def bias_of(name: str) -> onnx.TensorProto | None:
+        t = G.inits.get(name)
+        return t if t is not None and len(t.dims) == 1 else None
+
     n_done = 0
+    skip: set[int] = set()
     nodes: list[onnx.NodeProto] = []
+    negated: dict[str, str] = {}
+
+    def neg(bname: str) -> str:
+        if bname not in negated:
+            negated[bname] = f"{bname}_negated"
+            g.initializer.append(_tensor(negated[bname], -numpy_helper.to_array(G.inits[bname])))
+        return negated[bname]
+
     for n in g.node:
-        ok = (n.op_type == "Gemm" and len(n.input) >= 2
-              and all(G.producer.get(i) is not None and G.producer[i].op_type == "DequantizeLinear" for i in n.input[:2])
-              and float(_attr(n, "alpha", 1.0)) == 1.0 and float(_attr(n, "beta", 1.0)) == 1.0
-              and not _attr(n, "transA", 0) and not _attr(n, "transB", 0))
-        bias = G.inits.get(n.input[2]) if ok and len(n.input) > 2 and n.input[2] else None
-        if ok and len(n.input) > 2 and n.input[2] and (bias is None or len(bias.dims) != 1):
-            ok = False
-        if not ok:
-            nodes.append(n)
+        if id(n) in skip:
             continue
-        base = n.name or n.output[0]
-        mm_out = f"{base}.matmul"
-        nodes.append(helper.make_node("MatMul", list(n.input[:2]), [mm_out] if bias is not None else [n.output[0]],
-                                      name=f"{base}/MatMul"))
-        if bias is not None:
-            neg = f"{n.input[2]}_negated"
-            g.initializer.append(_tensor(neg, -numpy_helper.to_array(bias)))
-            nodes.append(helper.make_node("Sub", [mm_out, neg], [n.output[0]], name=f"{base}/Sub"))
-        n_done += 1
+        if (n.op_type == "Gemm" and len(n.input) >= 2 and from_dq(n.input[0]) and from_dq(n.input[1])
+                and float(_attr(n, "alpha", 1.0)) == 1.0 and float(_attr(n, "beta", 1.0)) == 1.0
+                and not _attr(n, "transA", 0) and not _attr(n, "transB", 0)
+                and (len(n.input) < 3 or not n.input[2] or bias_of(n.input[2]) is not None)):
+            base = n.name or n.output[0]
+            has_bias = len(n.input) > 2 and bool(n.input[2])
+            mm_out = f"{base}.matmul" if has_bias else n.output[0]
+            nodes.append(helper.make_node("MatMul", list(n.input[:2]), [mm_out], name=f"{base}/MatMul"))
+            if has_bias:
+                nodes.append(helper.make_node("Sub", [mm_out, neg(n.input[2])], [n.output[0]], name=f"{base}/Sub"))
+            n_done += 1
+            continue
+        if (n.op_type == "MatMul" and from_dq(n.input[0]) and from_dq(n.input[1]) and rank.get(n.input[0]) == 2
+                and G.inits.get(n.input[1]) is None and len(G.consumers[n.output[0]]) == 1
+                and n.output[0] not in G.outputs):
+            add = G.consumers[n.output[0]][0]
+            other = [i for i in add.input if i != n.output[0]]
+            if add.op_type == "Add" and len(other) == 1 and bias_of(other[0]) is not None:
+                nodes.append(n)
+                nodes.append(helper.make_node("Sub", [n.output[0], neg(other[0])], list(add.output),
+                                              name=f"{add.name or add.output[0]}/Sub"))
+                skip.add(id(add))
+                n_done += 1
+                continue
+        nodes.append(n)
     if n_done:
+        # keep the order topological: an Add skipped here may sit later than its MatMul
         del g.node[:]
         g.node.extend(nodes)
         _remove_dead(model)
