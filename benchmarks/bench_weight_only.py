@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.fmnist import load_split, model_input  # noqa: E402
+from benchmarks.fmnist import load_split, model_input
 
 
 def mcnemar(a_ok: np.ndarray, b_ok: np.ndarray) -> dict[str, float]:
@@ -154,6 +154,19 @@ def census(path: Path, level: int | None) -> dict[str, int]:
     return c
 
 
+def what_is_quantized(path: Path) -> str:
+    m = onnx.load(str(path))
+    nb = sum(n.op_type == "MatMulNBits" for n in m.graph.node)
+    blk = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute)]
+    pc = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n not in blk]
+    if nb:
+        return f"{nb} MatMul as MatMulNBits (head Gemm and patch conv float)"
+    if blk or pc:
+        head = any(n.name.startswith("head.") for n in blk)
+        return f"{len(blk)} Linear{' incl. head' if head else ''} in blocks" + (f", {len(pc)} per channel (patch conv)" if pc else "")
+    return "nothing"
+
+
 def cpu_isa() -> str:
     try:
         txt = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -210,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict] = {}
     ok: dict[str, np.ndarray] = {}
     for k, p in files.items():
-        row: dict = {"bytes": p.stat().st_size}
+        row: dict = {"bytes": p.stat().st_size, "what": what_is_quantized(p)}
         for lvl in (0, 4):
             src = p
             if k.startswith("ort-rtn"):
@@ -253,23 +266,19 @@ def write_md(r: dict, out: Path) -> None:
 
     B = r["block"]
     L = [f"# Weight-only INT4 (blocks of {B}) on fmnist_vit: maskaq vs ORT round-to-nearest MatMulNBits", "",
-         "`python benchmarks/bench_weight_only.py --work DIR` "
+         ("`python benchmarks/bench_weight_only.py --work DIR` "
          f"(seed {r['seed']}, preset {r['preset']}; {r['total_s']:.0f} s in all, the data-free run "
          f"{r['df_pipeline_s']:.0f} s, on 2 shared CPU cores). Top-1 on the 10,000 Fashion-MNIST test images, "
          "ONNX Runtime "
          f"{r['versions']['onnxruntime']} CPU. `L0` / `L4`: `session.qdq_matmulnbits_accuracy_level` "
          "(maskaq's QDQ files, fused into MatMulNBits by ORT) or the MatMulNBits node's `accuracy_level` "
          "(ORT's quantizer output): 0 = float activations inside the kernel, 4 = activations quantized "
-         "to int8 per block inside the kernel (ORT's default for QDQ files).", "",
+         "to int8 per block inside the kernel (ORT's default for QDQ files)."), "",
          "| arm | what is 4-bit | top-1 L0 | top-1 L4 | file bytes | exact mode = PyTorch |",
          "|---|---|---|---|---|---|"]
-    what = {"fp32": "nothing", "ort-rtn-sym": "36 MatMul (not head, not conv)",
-            "ort-rtn-asym": "36 MatMul (not head, not conv)",
-            "maskaq-rtn": "36 Linear + head (blocks), conv (per channel)",
-            "maskaq-clip": "same", "maskaq-df": "same"}
     for k, row in r["rows"].items():
         ex = "-" if "exact_agree" not in row else f"{row['exact_agree']:.2f}% top-1, max diff {row['exact_max_diff']:.1e}"
-        L.append(f"| {k} | {what.get(k, '')} | {row['top1_l0']:.2f} | {row['top1_l4']:.2f} | {row['bytes']:,} | {ex} |")
+        L.append(f"| {k} | {row['what']} | {row['top1_l0']:.2f} | {row['top1_l4']:.2f} | {row['bytes']:,} | {ex} |")
     L += ["", "McNemar (continuity-corrected, at L0): `a_only` = images only the first arm gets right.", "",
           "| comparison | a_only | b_only | chi^2 | p |", "|---|---|---|---|---|"]
     for k, t in r["mcnemar"].items():
