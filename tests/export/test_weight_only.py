@@ -259,3 +259,51 @@ def test_weight_only_state_round_trip(tmp_path):
     x = _x(lm)
     with torch.no_grad():
         assert torch.equal(Q(x), Q2(x))
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def _invoke(*args):
+    from click.testing import CliRunner
+
+    from export.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_weight_only_flow(tmp_path, helpers):
+    from maskaq.models import save_checkpoint
+    from maskaq.pipeline import load_calibrated
+
+    args = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2, num_classes=10)
+    torch.manual_seed(0)
+    lm = load_model("vit_tiny_patch16_224", pretrained=False, **args)
+    ck = tmp_path / "tiny.maskaq.pt"
+    save_checkpoint(ck, lm.model, "vit_tiny_patch16_224", args, lm.data_config)
+    out = tmp_path / "w4.onnx"
+    r = _invoke(ck, "--bits", "4", "--weight-only", "--block-size", "32", "--preset", "tiny", "--set", "num_images=4",
+                "--set", "synth.steps=1", "--set", "calib.epochs=1", "-q", "-o", out)
+    assert r.exit_code == 0, r.output
+    m = onnx.load(str(out))
+    assert not any(n.op_type == "QuantizeLinear" for n in m.graph.node)
+    assert {_attrs(n).get("block_size") for n in m.graph.node if n.op_type == "DequantizeLinear"} == {32, None}
+    Q, loaded, rc = load_calibrated(tmp_path / "w4.run" / "calibrated.pt")
+    assert rc.a_bits == 16 and rc.weight_block == 32
+    assert not any(isinstance(q, ActQuantizer) for _, q in quantizers(Q))
+    x = _x(loaded, 4)
+    with torch.no_grad():
+        ref = Q(x).numpy()
+    got = helpers.ort_session(out).run(None, {"input": x.numpy()})[0]
+    assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())  # the calibrated weights are the file's
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--weight-only", "--a-bits", "4"), "contradicts"),
+    (("--weight-only", "--weight-storage", "int4"), "--weight-storage"),
+    (("--weight-storage", "int4", "--opset", "20"), "opset >= 21"),
+    (("--patch-embed", "half"), "--patch-embed"),
+])
+def test_cli_bad_weight_options_one_line(tmp_path, args, needle):
+    r = _invoke("fmnist_vit", "--bits", "4", *args, "-o", tmp_path / "m.onnx")
+    assert r.exit_code == 2 and needle in r.output
+    assert list(tmp_path.iterdir()) == []
