@@ -154,6 +154,16 @@ def census(path: Path, level: int | None) -> dict[str, int]:
     return c
 
 
+def state_seconds(state: str | None) -> float | None:
+    """The pipeline time a reused state's run recorded (``run.json`` beside it), if any."""
+    if not state:
+        return None
+    try:
+        return float(json.loads((Path(state).parent / "run.json").read_text())["timings"]["total_s"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+
+
 def what_is_quantized(path: Path) -> str:
     m = onnx.load(str(path))
     nb = sum(n.op_type == "MatMulNBits" for n in m.graph.node)
@@ -186,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--state", default=None, help="reuse a finished weight-only run's calibrated.pt")
+    ap.add_argument("--render", default=None, metavar="JSON", help="only rewrite the table from a saved weight_only.json")
     args = ap.parse_args(argv)
+    if args.render:
+        write_md(json.loads(Path(args.render).read_text()), Path(args.out))
+        return 0
     torch.set_num_threads(1)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -250,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     lat = latency(lat_files, tuple(int(v) for v in lm.data_config.input_size))
     cen = {k: census(p, lvl) for k, (p, lvl) in lat_files.items() if k != "fp32"}
     result = {"block": B, "preset": args.preset, "seed": args.seed, "rows": rows, "mcnemar": tests, "latency_ms": lat,
-              "census": cen, "cpu": cpu_isa(), "df_pipeline_s": round(df_time, 1),
+              "census": cen, "cpu": cpu_isa(), "df_pipeline_s": None if args.state else round(df_time, 1),
+              "state": args.state, "state_pipeline_s": state_seconds(args.state),
               "total_s": round(time.perf_counter() - t_all, 1)}
     import onnxruntime
 
@@ -267,8 +282,11 @@ def write_md(r: dict, out: Path) -> None:
     B = r["block"]
     L = [f"# Weight-only INT4 (blocks of {B}) on fmnist_vit: maskaq vs ORT round-to-nearest MatMulNBits", "",
          ("`python benchmarks/bench_weight_only.py --work DIR` "
-         f"(seed {r['seed']}, preset {r['preset']}; {r['total_s']:.0f} s in all, the data-free run "
-         f"{r['df_pipeline_s']:.0f} s, on 2 shared CPU cores). Top-1 on the 10,000 Fashion-MNIST test images, "
+         f"(seed {r['seed']}, preset {r['preset']}; {r['total_s']:.0f} s in all, on 2 shared CPU cores; "
+         + (f"the data-free run {r['df_pipeline_s']:.0f} s" if r.get("df_pipeline_s") is not None else
+            f"the data-free arm from `--state` = `maskaq-export fmnist_vit --bits 4 --weight-only --block-size {r['block']}`"
+            + (f", whose pipeline took {r['state_pipeline_s']:.0f} s" if r.get("state_pipeline_s") else ""))
+         + "). Top-1 on the 10,000 Fashion-MNIST test images, "
          "ONNX Runtime "
          f"{r['versions']['onnxruntime']} CPU. `L0` / `L4`: `session.qdq_matmulnbits_accuracy_level` "
          "(maskaq's QDQ files, fused into MatMulNBits by ORT) or the MatMulNBits node's `accuracy_level` "
