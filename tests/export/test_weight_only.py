@@ -275,7 +275,7 @@ def test_cli_weight_only_flow(tmp_path, helpers):
     from maskaq.models import save_checkpoint
     from maskaq.pipeline import load_calibrated
 
-    args = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2, num_classes=10)
+    args = {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 32, "depth": 1, "num_heads": 2, "num_classes": 10}
     torch.manual_seed(0)
     lm = load_model("vit_tiny_patch16_224", pretrained=False, **args)
     ck = tmp_path / "tiny.maskaq.pt"
