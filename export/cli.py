@@ -42,6 +42,10 @@ Examples:
   # re-export a finished run to TensorRT / to a weight-only INT4 file, no re-synthesis:
   maskaq-export --from-state fmnist_4w4a.run/calibrated.pt --profile tensorrt -o fmnist_trt.onnx
   maskaq-export --from-state fmnist_4w4a.run/calibrated.pt --weight-only-int4 --block-size 32 -o w4.onnx
+  # weight-only INT4 calibrated data-free in the file's own blocks (activations float throughout):
+  maskaq-export fmnist_vit --bits 4 --weight-only --block-size 32 -o fmnist_w4.onnx
+  # 4-bit per-channel weights stored as real INT4 initializers (half the file):
+  maskaq-export fmnist_vit --bits 4 --weight-storage int4 -o fmnist_4w4a_int4.onnx
   # continue an interrupted run (same command plus --resume):
   maskaq-export fmnist_vit --bits 4 -o fmnist_4w4a.onnx --resume
   # your own ViT: a bare state dict (the tensors say the rest), your preprocessing and labels,
@@ -153,7 +157,8 @@ def _given(ctx: click.Context, name: str) -> bool:
 @click.argument("model", required=False, metavar="[MODEL]")
 @click.option("--bits", "w_bits", type=int, default=None, metavar="W",
               help="Weight bit width, 2-8 (also the activation width unless --a-bits).")
-@click.option("--a-bits", "a_bits", type=int, default=None, metavar="A", help="Activation bit width, 2-8.")
+@click.option("--a-bits", "a_bits", type=int, default=None, metavar="A",
+              help="Activation bit width, 2-8; 16 (or 32) = float activations (weight-only, no activation quantizers).")
 @click.option("--method", type=click.Choice(METHODS), default="maskaq", show_default=True,
               help="Method (maskaq.recipes): " + "; ".join(f"{n}: {r.title}" for n, r in RECIPES.items()) + ".")
 @click.option("--preset", type=click.Choice(PRESETS), default="cpu", show_default=True,
@@ -164,9 +169,19 @@ def _given(ctx: click.Context, name: str) -> bool:
 @click.option("--calib-data", default=None, metavar="DIR", help="Folder of images for --method real.")
 @click.option("--profile", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,
               help="ort: exact CQDQ for ONNX Runtime; tensorrt: symmetric int8, narrow weights.")
-@click.option("--weight-only-int4", is_flag=True, help="Write a weight-only INT4 model (opset 21, float activations).")
+@click.option("--weight-only", is_flag=True,
+              help="Weight-only flow: float activations during calibration (--a-bits 16), Linear weights calibrated "
+                   "in the blocks of the INT4 file (--block-size), written as the weight-only INT4 model.")
+@click.option("--weight-only-int4", is_flag=True,
+              help="Write a weight-only INT4 model (opset 21, float activations); from a per-channel state: "
+                   "round-to-nearest blocks.")
 @click.option("--block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]), default=None,
               help="INT4 block size along the reduction axis [default: 32].")
+@click.option("--patch-embed", type=click.Choice(["channel", "float"]), default="channel", show_default=True,
+              help="Patch-embedding conv weight: per output channel (exact), or left in float.")
+@click.option("--weight-storage", type=click.Choice(["int8", "int4"]), default="int8", show_default=True,
+              help="Per-channel weights of <= 4 bits as int8 (ORT's integer kernels take it) or opset-21 INT4 "
+                   "initializers (half the size; see README).")
 @click.option("--opset", type=int, default=None, metavar="N", help="ONNX opset [default: 20; 21 with INT4].")
 @click.option("--keep-first-last-8bit", is_flag=True, help="Patch embedding and classifier head at 8 bit.")
 @click.option("--keep-8bit", "keep_8bit", multiple=True, metavar="NAME|PATTERN ...",
@@ -206,7 +221,8 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
          num_classes: int | None = None, img_size: str | None = None, in_chans: int | None = None,
          mean: tuple[float, ...] = (), std: tuple[float, ...] = (), crop_pct: float | None = None,
          interpolation: str | None = None, labels_file: str | None = None, fp32_out: str | None = None,
-         analyse: bool = False) -> None:
+         analyse: bool = False, weight_only: bool = False, patch_embed: str = "channel",
+         weight_storage: str = "int8") -> None:
     """Quantize a Vision Transformer without data (MaskAQ) and export it as a QDQ ONNX file.
 
     MODEL is an alias (fmnist_vit, fmnist_vit_p7, fmnist_dinov2 (built once by
@@ -231,15 +247,27 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
     if not parent.is_dir():
         _fail(f"output directory {str(parent)!r} does not exist")
     block = int(block_size) if block_size is not None else None
-    if block is not None and not weight_only_int4:
-        raise click.UsageError("--block-size applies to --weight-only-int4 only")
+    if block is not None and not (weight_only_int4 or weight_only):
+        raise click.UsageError("--block-size applies to --weight-only / --weight-only-int4 only")
+    if weight_only:
+        if a_bits is not None and a_bits not in (16, 32):
+            raise click.UsageError(f"--weight-only keeps activations float; --a-bits {a_bits} contradicts it")
+        if from_state is not None:
+            raise click.UsageError("--weight-only calibrates weights only; with --from-state use --weight-only-int4")
+        a_bits = 16
+        weight_only_int4 = True
     if weight_only_int4 and block is None:
         block = 32
+    if weight_storage == "int4" and weight_only_int4:
+        raise click.UsageError("--weight-storage applies to per-channel weights; the weight-only INT4 model "
+                               "always stores its blocks as INT4")
     if opset is not None:
         if opset not in SUPPORTED_OPSETS:
             raise click.UsageError(f"opset {opset} is not supported; valid: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
         if weight_only_int4 and opset < INT4_OPSET:
             raise click.UsageError(f"--weight-only-int4 needs --opset >= {INT4_OPSET}")
+        if weight_storage == "int4" and opset < INT4_OPSET:
+            raise click.UsageError(f"--weight-storage int4 needs --opset >= {INT4_OPSET}")
     device = _check_device(device)
     if fp32_out is not None:
         f32 = Path(fp32_out)
@@ -287,7 +315,8 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
             if w_bits is None:
                 raise click.UsageError("missing option '--bits'")
             check_bits(w_bits)
-            check_bits(a_bits if a_bits is not None else w_bits)
+            if a_bits not in (16, 32):
+                check_bits(a_bits if a_bits is not None else w_bits)
             if calib_data is not None and method != "real":
                 raise click.UsageError("--calib-data applies to --method real only")
             if method == "real":
@@ -311,7 +340,8 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
                            keep_first_last_8bit=keep_first_last_8bit, preset=preset,
                            overrides=parse_overrides(overrides), seed=seed, calib_data=calib_data,
                            random_weights=random_weights, model_args=model_args, keep_8bit=tuple(keep_8bit),
-                           preprocessing=preprocessing, labels=labels)
+                           preprocessing=preprocessing, labels=labels,
+                           weight_block=block if weight_only else None, patch_embed=patch_embed)
             run_path = Path(run_dir) if run_dir else paths["run"]
             if run_dir and not run_path.parent.is_dir():
                 _fail(f"run directory parent {str(run_path.parent)!r} does not exist")
@@ -357,7 +387,8 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
                       f"top-1 agreement with the calibrated model {100 * cost['top1_agreement']:.1f}%, "
                       f"logit SQNR {cost['logit_sqnr_db']:.1f} dB on noise inputs (a sensitivity hint, not an accuracy: "
                       f"measure that with maskaq-eval; details in the report)", quiet)
-        export_cfg = {"profile": profile, "opset": opset, "weight_only_int4": weight_only_int4, "block_size": block}
+        export_cfg = {"profile": profile, "opset": opset, "weight_only_int4": weight_only_int4, "block_size": block,
+                      "weight_storage": weight_storage, "patch_embed": patch_embed}
         t0 = time.perf_counter()
         from .onnx_export import export_onnx
 
@@ -365,7 +396,12 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
             Q, out, data_config=loaded.data_config, profile=profile, opset=opset,
             metadata={"method": rc.method, "seed": rc.seed, "config": {"run": rc.to_json(), "export": export_cfg}},
             labels=loaded.labels, source=loaded.source, weight_only_int4_block=block if weight_only_int4 else None,
+            weight_storage=weight_storage, patch_embed=patch_embed,
         )
+        if result.partial_blocks:
+            _warn(f"{len(result.partial_blocks)} Linear weights are not a multiple of --block-size {block} along "
+                  f"their input ({', '.join(result.partial_blocks[:2])}...): ONNX Runtime runs the file, OpenVINO "
+                  "rejects it; choose a block size that divides every input width", quiet)
         timings["export_s"] = round(time.perf_counter() - t0, 3)
         timings["export"] = {k: round(v, 3) for k, v in result.timings.items()}
         fp32_result = None

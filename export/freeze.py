@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from maskaq.quant import ActQuantizer, WeightQuantizer
+from maskaq.quant import ActQuantizer, WeightQuantizer, expand_blocks
 
 from .profiles import INT8_RANGE, UINT8_RANGE, _sync, storage_dtype
 
@@ -92,10 +92,13 @@ class FrozenWeightQuantizer(nn.Module):
     def __init__(self, rec: QuantRecord) -> None:
         super().__init__()
         self.qmin, self.qmax, self.axis = rec.qmin, rec.qmax, rec.axis
+        self.block = int(rec.block_size or 0)
         self.register_buffer("scale", torch.from_numpy(np.ascontiguousarray(rec.scale, np.float32)).clone())
         self.register_buffer("zero_point", torch.zeros(rec.scale.shape, dtype=torch.int8))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.block:  # [C, ceil(K / B)] scales: QuantizeLinear(axis=1, block_size=B)
+            return torch.ops.maskaq.fake_quant_blocked(w, self.scale, self.zero_point, self.qmin, self.qmax, self.block)
         return torch.ops.maskaq.fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
 
 
@@ -124,13 +127,18 @@ def _act_record(name: str, q: ActQuantizer, profile: str) -> QuantRecord:
 def _weight_record(name: str, owner_name: str, q: WeightQuantizer, w: torch.Tensor) -> QuantRecord:
     qmin, qmax = q.grid()
     s = q.scale_for(w).float()
-    shape = [1] * w.dim()
-    shape[q.axis] = -1
+    block = int(getattr(q, "block", 0) or 0)
+    if block:  # blocked: [C, ceil(K / B)] scales along axis 1 (the reduction axis)
+        s_full = expand_blocks(s, block, w.shape[1])
+    else:
+        shape = [1] * w.dim()
+        shape[q.axis] = -1
+        s_full = s.reshape(shape)
     # the same maths as maskaq.quant.fake_quant with z = 0
-    qint = torch.clamp(torch.round(w.float() / s.reshape(shape)), qmin, qmax).to(torch.int8)
-    return QuantRecord(name, "weight", q.bits, qmin, qmax, True, q.narrow, True, q.axis, "int8",
+    qint = torch.clamp(torch.round(w.float() / s_full), qmin, qmax).to(torch.int8)
+    return QuantRecord(name, "weight", q.bits, qmin, qmax, True, q.narrow, True, 1 if block else q.axis, "int8",
                        s.cpu().numpy().astype(np.float32), np.zeros(s.shape, np.int64), None, owner_name,
-                       qint.cpu().numpy())
+                       qint.cpu().numpy(), block_size=block or None)
 
 
 def freeze_model(M: nn.Module, profile: str) -> dict[str, QuantRecord]:

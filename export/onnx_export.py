@@ -67,10 +67,17 @@ __all__ = [
     "DEFAULT_OPSET",
     "INT4_OPSET",
     "SUPPORTED_OPSETS",
+    "WEIGHT_STORAGES",
+    "gemm_to_matmul",
+    "weight_blocks",
+    "op_census",
 ]
 
 DEFAULT_OPSET = 20
 INT4_OPSET = 21
+#: Storage of per-channel weights with b <= 4 bits: int8 (default: ORT's integer kernels take it)
+#: or opset-21 INT4 (half the bytes; ORT runs the DequantizeLinear in float).
+WEIGHT_STORAGES = ("int8", "int4")
 # 18: the dynamo exporter's floor; 23: the newest opset onnxscript and ORT 1.31 both know.
 SUPPORTED_OPSETS = range(18, 24)
 _TWO_GB = 2**31
@@ -95,6 +102,9 @@ class ExportResult:
     conversions: list[Conversion] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     external_data: Path | None = None
+    #: blocked weights whose reduction size is not a multiple of the block (a last partial
+    #: block): valid ONNX that ONNX Runtime runs, but OpenVINO 2026.4 rejects such a file
+    partial_blocks: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -108,6 +118,7 @@ class ExportResult:
             "conversions": [c.to_json() for c in self.conversions],
             "timings": self.timings,
             "external_data": str(self.external_data) if self.external_data else None,
+            "partial_blocks": list(self.partial_blocks),
         }
 
 
@@ -183,7 +194,17 @@ def translation_table(opset: int) -> dict[Callable, Callable]:
         hi = op.Constant(value=helper.make_tensor("qmax", TensorProto.INT8, [], [qmax]))
         return op.DequantizeLinear(op.Clip(q, lo, hi), scale, zero_point, axis=axis)
 
-    return {torch.ops.maskaq.fake_quant.default: fake_quant}
+    table = {torch.ops.maskaq.fake_quant.default: fake_quant}
+    if opset >= INT4_OPSET:
+        def fake_quant_blocked(x, scale, zero_point, qmin: int, qmax: int, block: int):
+            # blocked weights (weight-only flow): QuantizeLinear-21 with block_size along axis 1
+            q = op.QuantizeLinear(x, scale, zero_point, axis=1, block_size=block)
+            lo = op.Constant(value=helper.make_tensor("qmin", TensorProto.INT8, [], [qmin]))
+            hi = op.Constant(value=helper.make_tensor("qmax", TensorProto.INT8, [], [qmax]))
+            return op.DequantizeLinear(op.Clip(q, lo, hi), scale, zero_point, axis=1, block_size=block)
+
+        table[torch.ops.maskaq.fake_quant_blocked.default] = fake_quant_blocked
+    return table
 
 
 # --- graph passes -------------------------------------------------------------------------------
@@ -271,8 +292,15 @@ def _set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
 
 
 def _tensor(name: str, arr: np.ndarray, storage: str | None = None) -> onnx.TensorProto:
-    if storage == "int4":
-        return helper.make_tensor(name, TensorProto.INT4, list(arr.shape), np.asarray(arr, np.int8).reshape(-1).tolist())
+    if storage == "int4":  # two values a byte, the first in the low nibble (ONNX's packing), as raw data
+        flat = np.asarray(arr, np.int8).reshape(-1)
+        if flat.size and (flat.min() < -8 or flat.max() > 7):
+            raise ExportError(f"{name}: values outside the INT4 range [-8, 7]")
+        nib = (flat.astype(np.uint8) & 0x0F)
+        if nib.size % 2:
+            nib = np.concatenate([nib, np.zeros(1, np.uint8)])
+        packed = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8)
+        return helper.make_tensor(name, TensorProto.INT4, list(arr.shape), packed.tobytes(), raw=True)
     if storage is not None:
         arr = np.asarray(arr).astype({"int8": np.int8, "uint8": np.uint8}[storage])
     return numpy_helper.from_array(np.array(arr, order="C", copy=True), name)
@@ -299,10 +327,14 @@ def activation_storage(rec: QuantRecord, profile: str = "ort") -> tuple[str, int
 
 
 def rewrite_quantizers(model: onnx.ModelProto, records: dict[str, QuantRecord], *, int4_block: int | None,
-                 shared_modules: bool = False, profile: str = "ort") -> None:
+                 shared_modules: bool = False, profile: str = "ort", weight_storage: str = "int8") -> None:
     """Rebuild every quantizer's nodes in its final encoding, named after the quantizer.
 
     ``profile`` picks the activations' storage (:func:`activation_storage`).
+
+    ``weight_storage="int4"``: per-channel weights of ``b <= 4`` bits are stored as opset-21
+    INT4 initializers (the same integers; wider weights stay int8). Blocked weights (the
+    weight-only flow) are always stored in INT4 at ``b <= 4``.
 
     ``shared_modules``: a quantizer may appear more than once (a module called on several
     inputs, e.g. the RPN head shared by the FPN levels): each call of an activation quantizer
@@ -437,28 +469,43 @@ def rewrite_quantizers(model: onnx.ModelProto, records: dict[str, QuantRecord], 
             or (u.op_type == "Gemm" and list(u.input[1:2]) == [dq.output[0]] and _attr(u, "transB", 0) == 1
                 and u.input[0] != dq.output[0])
             for u in uses)
-        if int4_block is not None:
+        if int4_block is not None and rec.block_size is None and rec.qweight is not None and rec.qweight.ndim == 2:
+            # a Q calibrated per channel re-exported as the INT4 artifact: round-to-nearest blocks
+            # of its latent Linear weights (the conv below stays per channel)
             w = torch.from_numpy(numpy_helper.to_array(G.inits[wname]).copy())
-            red_axis = 1  # Linear [out, in] and Conv [out, in, kh, kw]: reduce over axis 1 first
-            qi, sc = block_quantize(w, red_axis, int4_block)
-            qi, sc = qi.numpy(), sc.numpy().astype(np.float32)
-            axis = red_axis
+            qi_t, sc_t = block_quantize(w, 1, int4_block)
+            rec.storage, rec.bits, rec.qmin, rec.qmax, rec.narrow = "int4", 4, -8, 7, False
+            rec.block_size, rec.axis = int4_block, 1
+            rec.scale, rec.zero_point, rec.qweight = sc_t.numpy().astype(np.float32), np.zeros(tuple(sc_t.shape), np.int64), qi_t.numpy()
+        elif int4_block is not None and rec.block_size is None and rec.bits > 4:
+            # the INT4 artifact's per-channel weights (patch conv) of a wider state: 4-bit, per channel
+            w = torch.from_numpy(numpy_helper.to_array(G.inits[wname]).copy())
+            s4 = (2 * w.abs().amax(dim=tuple(range(1, w.dim()))) / 15).float()
+            s4 = torch.where(s4 > 0, s4, torch.ones_like(s4))
+            qi_t = torch.clamp(torch.round(w / s4.reshape(-1, *([1] * (w.dim() - 1)))), -8, 7).to(torch.int8)
+            rec.bits, rec.qmin, rec.qmax, rec.narrow, rec.axis = 4, -8, 7, False, 0
+            rec.scale, rec.zero_point, rec.qweight = s4.numpy(), np.zeros(tuple(s4.shape), np.int64), qi_t.numpy()
+        if rec.block_size is not None and int4_block is not None and rec.block_size != int4_block:
+            fail(f"{qname}: calibrated with blocks of {rec.block_size}, exported with blocks of {int4_block}")
+        four = rec.bits <= 4 and (rec.block_size is not None or int4_block is not None or weight_storage == "int4")
+        storage = "int4" if four else "int8"
+        rec.storage = storage
+        qi, sc = rec.qweight, np.asarray(rec.scale, np.float32)
+        if rec.block_size is not None:  # [C, K] integers, [C, ceil(K / B)] scales, blocks on axis 1
+            axis = 1
             if transpose:
                 qi, sc, axis = qi.T.copy(), sc.T.copy(), 0
-            rec.storage, rec.bits, rec.qmin, rec.qmax, rec.narrow = "int4", 4, -8, 7, False
-            rec.block_size, rec.axis = int4_block, axis
-            rec.scale, rec.zero_point, rec.qweight = sc, np.zeros(sc.shape, np.int64), qi
-            new_inits += [_tensor(f"{qname}.qweight", qi, "int4"), _tensor(f"{qname}.scale", sc)]
+            rec.axis = axis
+            new_inits += [_tensor(f"{qname}.qweight", qi, storage), _tensor(f"{qname}.scale", sc)]
             dq_new = helper.make_node("DequantizeLinear", [f"{qname}.qweight", f"{qname}.scale"], [out_name],
-                                      name=f"{qname}/DequantizeLinear", axis=axis, block_size=int4_block)
+                                      name=f"{qname}/DequantizeLinear", axis=axis, block_size=int(rec.block_size))
+            rec.onnx_extra = {"stored_transposed": transpose, "axis": axis}
         else:
-            qi = rec.qweight
             axis = rec.axis
             if transpose:
                 qi, axis = qi.T.copy(), 1 - rec.axis
-            new_inits += [_tensor(f"{qname}.qweight", qi, "int8"),
-                          _tensor(f"{qname}.scale", rec.scale.astype(np.float32)),
-                          _tensor(f"{qname}.zero_point", np.zeros(rec.scale.shape, np.int8), "int8")]
+            new_inits += [_tensor(f"{qname}.qweight", qi, storage), _tensor(f"{qname}.scale", sc),
+                          _tensor(f"{qname}.zero_point", np.zeros(sc.shape, np.int8), storage)]
             dq_new = helper.make_node("DequantizeLinear", [f"{qname}.qweight", f"{qname}.scale", f"{qname}.zero_point"],
                                       [out_name], name=f"{qname}/DequantizeLinear", axis=axis)
             rec.onnx_extra = {"stored_transposed": transpose, "axis": axis}
@@ -530,6 +577,84 @@ def _remove_dead(model: onnx.ModelProto) -> None:
     del g.value_info[:]
 
 
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Make a Linear on a 2-D input with quantized input and weight (the classifier head) read
+    ``MatMul -> Sub(-bias)`` instead of ``Gemm`` or ``MatMul -> Add(bias)``.
+
+    Why: ORT's CPU QDQ fusion turns ``DQ -> MatMul`` into ``MatMulIntegerToFloat`` for int8 and
+    uint8 activations, but ``DQ -> Gemm`` into ``QGemm`` only for uint8 ones, so a head whose input
+    quantizer is signed (a ViT's final LayerNorm output, usually) stayed a float Gemm in deploy
+    mode. ``MatMul -> Add`` on a 2-D input is no better: ORT's MatMulAddFusion (a basic-level pass,
+    before the QDQ fusions) turns it back into a Gemm. ``Sub`` of the negated bias computes the
+    same float (``x - (-b) == x + b`` exactly in IEEE) and leaves the MatMul to the integer
+    fusion. 3-D MatMul + Add (every other Linear) is left alone: ORT fuses that Add into the
+    MatMulIntegerToFloat as its bias. Returns the number of heads rewritten."""
+    g = model.graph
+    G = _Graph(g)
+    rank: dict[str, int] = {}
+    try:
+        inf = onnx.shape_inference.infer_shapes(model)
+        for vi in list(inf.graph.value_info) + list(inf.graph.input) + list(inf.graph.output):
+            if vi.type.tensor_type.HasField("shape"):
+                rank[vi.name] = len(vi.type.tensor_type.shape.dim)
+    except Exception:  # noqa: BLE001 - no shapes (e.g. > 2 GB): Gemms only
+        rank = {}
+
+    def from_dq(name: str) -> bool:
+        p = G.producer.get(name)
+        return p is not None and p.op_type == "DequantizeLinear"
+
+    def bias_of(name: str) -> onnx.TensorProto | None:
+        t = G.inits.get(name)
+        return t if t is not None and len(t.dims) == 1 else None
+
+    n_done = 0
+    skip: set[int] = set()
+    nodes: list[onnx.NodeProto] = []
+    negated: dict[str, str] = {}
+
+    def neg(bname: str) -> str:
+        if bname not in negated:
+            negated[bname] = f"{bname}_negated"
+            g.initializer.append(_tensor(negated[bname], -numpy_helper.to_array(G.inits[bname])))
+        return negated[bname]
+
+    for n in g.node:
+        if id(n) in skip:
+            continue
+        if (n.op_type == "Gemm" and len(n.input) >= 2 and from_dq(n.input[0]) and from_dq(n.input[1])
+                and float(_attr(n, "alpha", 1.0)) == 1.0 and float(_attr(n, "beta", 1.0)) == 1.0
+                and not _attr(n, "transA", 0) and not _attr(n, "transB", 0)
+                and (len(n.input) < 3 or not n.input[2] or bias_of(n.input[2]) is not None)):
+            base = n.name or n.output[0]
+            has_bias = len(n.input) > 2 and bool(n.input[2])
+            mm_out = f"{base}.matmul" if has_bias else n.output[0]
+            nodes.append(helper.make_node("MatMul", list(n.input[:2]), [mm_out], name=f"{base}/MatMul"))
+            if has_bias:
+                nodes.append(helper.make_node("Sub", [mm_out, neg(n.input[2])], [n.output[0]], name=f"{base}/Sub"))
+            n_done += 1
+            continue
+        if (n.op_type == "MatMul" and from_dq(n.input[0]) and from_dq(n.input[1]) and rank.get(n.input[0]) == 2
+                and G.inits.get(n.input[1]) is None and len(G.consumers[n.output[0]]) == 1
+                and n.output[0] not in G.outputs):
+            add = G.consumers[n.output[0]][0]
+            other = [i for i in add.input if i != n.output[0]]
+            if add.op_type == "Add" and len(other) == 1 and bias_of(other[0]) is not None:
+                nodes.append(n)
+                nodes.append(helper.make_node("Sub", [n.output[0], neg(other[0])], list(add.output),
+                                              name=f"{add.name or add.output[0]}/Sub"))
+                skip.add(id(add))
+                n_done += 1
+                continue
+        nodes.append(n)
+    if n_done:
+        # keep the order topological: an Add skipped here may sit later than its MatMul
+        del g.node[:]
+        g.node.extend(nodes)
+        _remove_dead(model)
+    return n_done
+
+
 def op_census(model: onnx.ModelProto) -> dict[str, int]:
     """Op-type counts of the main graph, most common first."""
     return dict(Counter(n.op_type for n in model.graph.node).most_common())
@@ -563,11 +688,15 @@ def _quant_config(Q: nn.Module, records: dict[str, QuantRecord]) -> tuple[int, i
 def _metadata(
     Q: nn.Module, records: dict[str, QuantRecord], data_config: DataConfig, profile_tag: str, opset: int,
     metadata: dict[str, Any], labels: list[str] | None, source: dict[str, Any] | None,
-    conversions: list[Conversion], int4_block: int | None,
+    conversions: list[Conversion], int4_block: int | None, weight_storage: str = "int8",
+    patch_embed: str = "channel",
 ) -> dict[str, str]:
     w_bits, a_bits, qcfg = _quant_config(Q, records)
     if int4_block is not None:
-        w_bits, a_bits = 4, 32
+        w_bits = w_bits if weight_blocks(Q) else 4
+        a_bits = 32
+    elif not any(r.kind == "activation" for r in records.values()):
+        a_bits = 32  # weight-only: float activations
     quant = {"w_bits": w_bits, "a_bits": a_bits, "profile": profile_tag, "method": str(metadata.get("method", "unknown"))}
     if not records:  # every quantizer disabled: a float model (contract: profile fp32)
         quant = {"profile": "fp32", "method": quant["method"]}
@@ -581,6 +710,10 @@ def _metadata(
             quant["mixed_bits"] = mixed
     if int4_block is not None:
         quant["block_size"] = int4_block
+    if weight_storage == "int4" and int4_block is None:
+        quant["weight_storage"] = "int4"
+    if patch_embed == "float" or qcfg.get("patch_embed") == "float":
+        quant["patch_embed"] = "float"
     if conversions:
         quant["converted"] = {"activations": sum(c.kind == "activation" for c in conversions),
                               "weights": sum(c.kind == "weight" for c in conversions)}
@@ -622,9 +755,31 @@ def encodings_path_for(path: str | os.PathLike) -> Path:
 
 # --- the public verb ----------------------------------------------------------------------------
 
-def _check_args(Q: nn.Module, profile: str, opset: int | None, int4_block: int | None) -> int:
+def weight_blocks(Q: nn.Module) -> set[int]:
+    """Block sizes of Q's blocked weight quantizers (the weight-only flow); empty: per channel."""
+    from maskaq.quant import WeightQuantizer
+
+    return {int(m.block) for m in Q.modules() if isinstance(m, WeightQuantizer) and m.enabled and getattr(m, "block", 0)}
+
+
+def _check_args(Q: nn.Module, profile: str, opset: int | None, int4_block: int | None,
+                weight_storage: str = "int8", patch_embed: str = "channel") -> int:
     if profile not in PROFILES:
         raise ExportError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    if weight_storage not in WEIGHT_STORAGES:
+        raise ExportError(f"weight storage {weight_storage!r} is not known; valid: {', '.join(WEIGHT_STORAGES)}")
+    if patch_embed not in ("channel", "float"):
+        raise ExportError(f"patch embedding mode {patch_embed!r} is not known; valid: channel, float")
+    blocks = weight_blocks(Q)
+    if blocks and int4_block is not None and blocks != {int4_block}:
+        raise ExportError(f"the model was calibrated with weight blocks of {'/'.join(map(str, sorted(blocks)))}; "
+                          f"export it with that block size, not {int4_block}")
+    if blocks and int4_block is None:
+        int4_block = min(blocks)
+    if weight_storage == "int4" and int4_block is None:
+        if opset is not None and opset < INT4_OPSET:
+            raise ExportError(f"INT4 weight storage needs opset >= {INT4_OPSET}, got --opset {opset}")
+        opset = opset or INT4_OPSET
     if int4_block is not None:
         if not isinstance(int4_block, int) or int4_block < 16 or int4_block & (int4_block - 1):
             raise ExportError(f"block size {int4_block!r} is not supported; valid: a power of two >= 16 (32, 64, 128)")
@@ -653,6 +808,8 @@ def export_onnx(
     labels: list[str] | None = None,
     source: dict[str, Any] | None = None,
     weight_only_int4_block: int | None = None,
+    weight_storage: str = "int8",
+    patch_embed: str = "channel",
     check: bool = True,
     write_encodings: bool = True,
 ) -> ExportResult:
@@ -671,7 +828,14 @@ def export_onnx(
         labels: class names in output order.
         source: where the weights came from (``LoadedModel.source``).
         weight_only_int4_block: write the weight-only INT4 artifact instead (block size B along
-            the reduction axis, float activations).
+            the reduction axis, float activations). A Q calibrated with blocked weights (the
+            weight-only flow, ``QuantConfig(a_bits=16, weight_block=B)``) always writes it, with
+            its own calibrated integers; a Q calibrated per channel gets round-to-nearest blocks of
+            its Linear weights. The patch-embedding conv stays per output channel.
+        weight_storage: ``"int8"`` (default) or ``"int4"``: per-channel weights of ``b <= 4`` bits
+            stored as opset-21 INT4 initializers (same integers, exact; opset 21).
+        patch_embed: ``"channel"`` (default) or ``"float"``: the patch-embedding conv's weight
+            left in float.
         check: run ``onnx.checker.check_model(full_check=True)`` before writing.
         write_encodings: write the encodings sidecar (off for a float graph, which has none).
 
@@ -691,13 +855,18 @@ def export_onnx(
     if not path.parent.is_dir():
         raise ExportError(f"output directory {str(path.parent)!r} does not exist")
     metadata = dict(metadata or {})
-    opset = _check_args(Q, profile, opset, weight_only_int4_block)
-    int4 = weight_only_int4_block
+    opset = _check_args(Q, profile, opset, weight_only_int4_block, weight_storage, patch_embed)
+    blocks = weight_blocks(Q)
+    int4 = weight_only_int4_block if weight_only_int4_block is not None else (min(blocks) if blocks else None)
     profile_tag = "int4-weight-only" if int4 is not None else profile
 
     was_training = Q.training
     M, conversions = convert_for_profile(Q, profile if int4 is None else "ort")
     M = M.cpu().eval()  # trace on the CPU, whatever device Q lives on
+    if patch_embed == "float":
+        for name, mod in M.named_modules():
+            if name.endswith("patch_embed.proj") and hasattr(mod, "weight_quantizer"):
+                mod.weight_quantizer.enabled = False
     records = freeze_model(M, profile if int4 is None else "ort")
     if was_training:
         log.debug("exporting a copy of Q in eval mode (Q itself is in training mode)")
@@ -726,12 +895,20 @@ def export_onnx(
     del prog, M
     if len(model.graph.output) != 1:
         raise ExportError(f"the model has {len(model.graph.output)} outputs; a classifier must have one (logits)")
-    rewrite_quantizers(model, records, int4_block=int4, profile=profile)
+    rewrite_quantizers(model, records, int4_block=int4, profile=profile, weight_storage=weight_storage)
+    gemm_to_matmul(model)
+    partial = [n for n, r in records.items() if r.block_size and r.qweight is not None
+               and r.qweight.shape[1] % r.block_size]
+    if partial:
+        log.warning("%d weights are not a multiple of the block size %s along the reduction axis (%s...): "
+                    "ONNX Runtime runs the file, OpenVINO rejects it; choose a block size that divides every "
+                    "Linear input width", len(partial), int4, ", ".join(partial[:3]))
     model.graph.name = "maskaq"
     model.producer_name = "maskaq"
     model.producer_version = maskaq.__version__
     model.doc_string = f"MaskAQ QDQ export, profile {profile_tag}, opset {opset}"
-    meta = _metadata(Q, records, data_config, profile_tag, opset, metadata, labels, source, conversions, int4)
+    meta = _metadata(Q, records, data_config, profile_tag, opset, metadata, labels, source, conversions, int4,
+                     weight_storage, patch_embed)
     del model.metadata_props[:]
     for k, v in meta.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
@@ -775,5 +952,5 @@ def export_onnx(
         num_quantizers=len(records), census=op_census(model), conversions=conversions,
         timings={"prepare_s": t1 - t0, "torch_export_s": t2 - t1, "rewrite_s": t3 - t2,
                  "check_s": t4 - t3, "write_s": t5 - t4, "total_s": t5 - t0},
-        external_data=external,
+        external_data=external, partial_blocks=partial,
     )

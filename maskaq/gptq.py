@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .qmodel import QuantConv2d, QuantLinear
-from .quant import qrange
+from .quant import expand_blocks, qrange
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,16 @@ def _patch_linear(conv: nn.Conv2d) -> bool:
 @torch.no_grad()
 def gptq_layer(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, *,
                damp: float = 0.01, block: int = 128) -> tuple[torch.Tensor, dict[str, float]]:
-    """Round ``W`` ``[out, in]`` to the per-row grid ``scale * [qmin, qmax]`` by GPTQ with the
+    """Round ``W`` ``[out, in]`` to the grid ``scale * [qmin, qmax]`` (``scale`` per row ``[out]``
+    or per element ``[out, in]``, e.g. expanded blocks) by GPTQ with the
     input second moment ``H`` ``[in, in]``. Returns the rounded weights and the layer's output
     error ``tr((W - Wq) H (W - Wq)^T)`` relative to ``tr(W H W^T)`` for round-to-nearest and GPTQ."""
     W0 = W.detach().double()
     Wk = W0.clone()
     Hd = H.detach().double().clone()
     n_in = Wk.shape[1]
-    s = scale.detach().double().reshape(-1, 1)
+    s = scale.detach().double()
+    s = (s.reshape(-1, 1) if s.dim() == 1 else s).expand(Wk.shape[0], n_in)  # [out, in]: per row or per block
     dead = torch.diag(Hd) <= 0
     Hd[dead, dead] = 1.0
     Wk[:, dead] = 0.0
@@ -68,8 +70,8 @@ def gptq_layer(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmin: int,
     Hinv = torch.cholesky_inverse(L)
     U = torch.linalg.cholesky(Hinv, upper=True)
 
-    def q(x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.round(x / s[:, 0]), qmin, qmax) * s[:, 0]
+    def q(x: torch.Tensor, i: int) -> torch.Tensor:
+        return torch.clamp(torch.round(x / s[:, i]), qmin, qmax) * s[:, i]
 
     Wq = torch.zeros_like(Wk)
     for i1 in range(0, n_in, block):
@@ -79,7 +81,7 @@ def gptq_layer(W: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmin: int,
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             w = W1[:, i]
-            qi = q(w)
+            qi = q(w, i1 + i)
             Wq[:, i1 + i] = qi
             e = (w - qi) / U1[i, i]
             W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
@@ -158,13 +160,14 @@ def gptq_round(Q: nn.Module, forward_loop: Callable[[nn.Module], Any], *, damp: 
         W2 = W.reshape(W.shape[0], -1)
         s = wq.scale_for(W)
         lo, hi = qrange(wq.bits, True, wq.narrow)
-        Wq, errs = gptq_layer(W2.cpu(), (H[name] / count[name]).cpu(), s.cpu(), lo, hi, damp=damp, block=block)
+        s_rows = expand_blocks(s, wq.block, W2.shape[1]) if wq.block else s
+        Wq, errs = gptq_layer(W2.cpu(), (H[name] / count[name]).cpu(), s_rows.cpu(), lo, hi, damp=damp, block=block)
         Wq = Wq.reshape(W.shape).to(W.device, W.dtype)
         # re-set the clipping ratio so that the scale recomputed from the rounded weights is the
         # grid they were rounded to (ratios above 1 when a channel's largest level is unused)
-        amax = Wq.abs().reshape(W.shape[0], -1).amax(1).double()
+        amax = (wq.block_amax(Wq) if wq.block else Wq.abs().reshape(W.shape[0], -1).amax(1)).double()
         levels = (2**wq.bits - 1) / 2
-        ratio = torch.where(amax > 0, s.double().cpu().to(amax.device) * levels / amax.clamp_min(1e-30),
+        ratio = torch.where(amax > 0, s.double().to(amax.device) * levels / amax.clamp_min(1e-30),
                             torch.ones_like(amax))
         m.weight.data.copy_(Wq)
         wq.set_clip(ratio.float())

@@ -104,6 +104,8 @@ class RunConfig:
         keep_8bit: quantizer/layer names or fnmatch patterns kept at 8 bit (``--keep-8bit``).
         preprocessing: overrides of the model's own ``mean``/``std``/``crop_pct``/``interpolation``.
         labels: class names in output order (``--labels FILE``), replacing the model's own.
+        weight_block, patch_embed: see :class:`maskaq.qmodel.QuantConfig` (weight-only flow:
+            ``a_bits=16``, ``weight_block=32``).
     """
 
     model: str
@@ -124,6 +126,8 @@ class RunConfig:
     keep_8bit: tuple[str, ...] = ()
     preprocessing: Mapping[str, Any] = field(default_factory=dict)
     labels: tuple[str, ...] | None = None
+    weight_block: int | None = None
+    patch_embed: str = "channel"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit or ()))
@@ -155,7 +159,7 @@ class RunConfig:
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(self.w_bits, self.a_bits, self.symmetric_activations, self.narrow_weights,
-                           self.keep_first_last_8bit, tuple(self.keep_8bit))
+                           self.keep_first_last_8bit, tuple(self.keep_8bit), self.weight_block, self.patch_embed)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -29,6 +29,8 @@ from .quant import ActQuantizer, QuantError, WeightQuantizer, check_bits
 
 __all__ = [
     "QuantConfig",
+    "FLOAT_BITS",
+    "PATCH_EMBED_MODES",
     "QuantLinear",
     "QuantConv2d",
     "MaskAQAttention",
@@ -45,12 +47,18 @@ __all__ = [
 ]
 
 
+#: ``a_bits`` values meaning float activations (weight-only quantization).
+FLOAT_BITS = (16, 32)
+PATCH_EMBED_MODES = ("channel", "float")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """What to quantize and how.
 
     Args:
-        w_bits, a_bits: 2..8, set independently.
+        w_bits, a_bits: 2..8, set independently; ``a_bits`` 16 or 32 means float activations
+            (weight-only quantization: no activation quantizers at all).
         symmetric_activations: activation zero-points fixed at 0 (TensorRT profile).
         narrow_weights: weight grid [-(2^(b-1)-1), 2^(b-1)-1] (TensorRT).
         keep_first_last_8bit: patch embedding and classifier head(s) at 8 bit.
@@ -58,6 +66,11 @@ class QuantConfig:
             and layer names (``blocks.3.attn.qkv``: both its quantizers; ``blocks.3.attn``: its
             four attention quantizers); every match is kept at 8 bit. A pattern that matches
             nothing is an error.
+        weight_block: weight-only only: Linear weights quantized in blocks of this many input
+            elements per output channel (a power of two >= 16: the layout of the INT4 export,
+            ORT ``MatMulNBits``); None: per output channel.
+        patch_embed: ``"channel"``: the patch-embedding conv's weight per output channel (like
+            every weight); ``"float"``: left in float (no quantizer).
     """
 
     w_bits: int = 4
@@ -66,10 +79,21 @@ class QuantConfig:
     narrow_weights: bool = False
     keep_first_last_8bit: bool = False
     keep_8bit: tuple[str, ...] = ()
+    weight_block: int | None = None
+    patch_embed: str = "channel"
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits)
-        check_bits(self.a_bits)
+        if self.a_bits not in FLOAT_BITS:
+            check_bits(self.a_bits)
+        if self.patch_embed not in PATCH_EMBED_MODES:
+            raise QuantError(f"patch embedding mode {self.patch_embed!r} is not known; valid: {', '.join(PATCH_EMBED_MODES)}")
+        if self.weight_block is not None:
+            b = self.weight_block
+            if not isinstance(b, int) or isinstance(b, bool) or b < 16 or b & (b - 1):
+                raise QuantError(f"weight block size {b!r} is not supported; valid: a power of two >= 16 (32, 64, 128)")
+            if not self.weight_only:
+                raise QuantError("blocked weights are for weight-only quantization (float activations, a_bits 16)")
         pats = self.keep_8bit
         if isinstance(pats, str):
             pats = (pats,)
@@ -85,6 +109,11 @@ class QuantConfig:
         if not m:
             raise QuantError(f"bit setting {spec!r} is not of the form 'XwYa' (e.g. '4w4a', '4w8a', '3w3a')")
         return cls(int(m.group(1)), int(m.group(2)), **kw)
+
+    @property
+    def weight_only(self) -> bool:
+        """Float activations: no activation quantizers."""
+        return self.a_bits in FLOAT_BITS
 
     @property
     def tag(self) -> str:
@@ -106,8 +135,11 @@ class QuantLinear(nn.Linear):
         new.in_features, new.out_features = lin.in_features, lin.out_features
         new.weight = lin.weight
         new.bias = lin.bias
-        new.input_quantizer = ActQuantizer(a_bits, symmetric=cfg.symmetric_activations)
-        new.weight_quantizer = WeightQuantizer(w_bits, narrow=cfg.narrow_weights, axis=0)
+        # weight-only: the input stays float (no quantizer module at all)
+        new.input_quantizer = (nn.Identity() if cfg.weight_only
+                               else ActQuantizer(a_bits, symmetric=cfg.symmetric_activations))
+        new.weight_quantizer = WeightQuantizer(w_bits, narrow=cfg.narrow_weights, axis=0,
+                                               block=cfg.weight_block or 0)
         new.train(lin.training)
         return new
 
@@ -341,13 +373,14 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         if isinstance(m, (QuantLinear, QuantConv2d)):
             raise QuantError("model is already quantized")
         if isinstance(m, MaskAQAttention):
-            m.add_quantizers(config.a_bits, config.symmetric_activations)
+            if not config.weight_only:
+                m.add_quantizers(config.a_bits, config.symmetric_activations)
         elif type(m) is nn.Linear:
             is_head = name in heads
             wb = first_last_bits if (is_head and first_last_bits) else config.w_bits
             ab = first_last_bits if (is_head and first_last_bits) else config.a_bits
             _set_child(q, name, QuantLinear.from_linear(m, wb, ab, config))
-        elif type(m) is nn.Conv2d and name.endswith("patch_embed.proj"):
+        elif type(m) is nn.Conv2d and name.endswith("patch_embed.proj") and config.patch_embed == "channel":
             wb = first_last_bits or config.w_bits
             _set_child(q, name, QuantConv2d.from_conv(m, wb, config))
     if config.keep_8bit:
@@ -389,7 +422,7 @@ def _keep_8bit(q: nn.Module, config: QuantConfig) -> None:
         if old.bits == 8:
             continue
         if isinstance(old, WeightQuantizer):
-            new = WeightQuantizer(8, narrow=config.narrow_weights, axis=old.axis)
+            new = WeightQuantizer(8, narrow=config.narrow_weights, axis=old.axis, block=old.block)
         else:
             new = ActQuantizer(8, symmetric=config.symmetric_activations)
         setattr(owner, child, new)

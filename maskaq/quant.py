@@ -41,6 +41,7 @@ __all__ = [
     "export_mode",
     "is_export_mode",
     "QuantizerSpec",
+    "expand_blocks",
 ]
 
 
@@ -135,6 +136,30 @@ def _(x, scale, zero_point, qmin, qmax, axis):  # noqa: ANN001 - signature fixed
     return torch.empty_like(x)
 
 
+def expand_blocks(t: torch.Tensor, block: int, size: int) -> torch.Tensor:
+    """``[C, ceil(size / block)]`` per-block values -> ``[C, size]`` (each repeated ``block``
+    times along axis 1, the last partial block cut), the layout of ONNX blocked quantization."""
+    return t.repeat_interleave(block, dim=1)[:, :size]
+
+
+@torch.library.custom_op("maskaq::fake_quant_blocked", mutates_args=())
+def _fake_quant_blocked_op(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, block: int
+) -> torch.Tensor:
+    """Blocked weight quantization of a 2-D weight ``x`` ``[C, K]``: ``scale``/``zero_point``
+    ``[C, ceil(K / block)]``, one value per ``block`` consecutive elements along axis 1 (ONNX
+    opset-21 ``QuantizeLinear(axis=1, block_size=block)``). Same maths as :func:`fake_quant`."""
+    s = expand_blocks(scale, block, x.shape[1])
+    z = expand_blocks(zero_point, block, x.shape[1])
+    q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+    return (q - z) * s
+
+
+@_fake_quant_blocked_op.register_fake
+def _(x, scale, zero_point, qmin, qmax, block):  # signature fixed by torch.library
+    return torch.empty_like(x)
+
+
 _STATE = threading.local()
 
 
@@ -187,20 +212,28 @@ class _Quantizer(nn.Module):
 
 
 class WeightQuantizer(_Quantizer):
-    """Per-output-channel symmetric weight quantizer (method.md §1).
+    """Per-output-channel (or blocked) symmetric weight quantizer (method.md §1).
 
     ``s_r = 2 * c_r * max|w_r| / (2^b - 1)`` is recomputed from the current latent weights at every
     forward (``c_r`` = 1 unless a range search set a per-channel clipping ratio, ``clip``) (weights are trained during calibration); zero-point 0. The scale is computed from
     ``w.detach()``: the gradient reaches the latent weights through the STE only.
     ``narrow=True`` uses ``[-(2^(b-1)-1), 2^(b-1)-1]`` (TensorRT).
+
+    ``block=B`` (2-D Linear weights ``[out, in]``, ``axis=0`` only): one scale per output channel
+    *and* per ``B`` consecutive input elements, ``s_{r,j} = 2 c_{r,j} max|w_{r, jB:(j+1)B}| /
+    (2^b - 1)``; the scale tensor is ``[out, ceil(in / B)]``, exactly the layout of ONNX
+    blocked ``DequantizeLinear`` / ORT ``MatMulNBits`` (the weight-only INT4 export).
     """
 
     kind = "weight"
 
-    def __init__(self, bits: int, narrow: bool = False, axis: int = 0) -> None:
+    def __init__(self, bits: int, narrow: bool = False, axis: int = 0, block: int = 0) -> None:
         super().__init__(bits)
         self.narrow = narrow
         self.axis = axis
+        if block and (not isinstance(block, int) or block < 1 or axis != 0):
+            raise QuantError(f"weight block size {block!r} needs a positive integer and axis 0")
+        self.block = int(block or 0)
         # Per-channel clipping ratio, > 0 (range search, :mod:`maskaq.ranges`: in (0, 1]; GPTQ
         # (:mod:`maskaq.gptq`) may set it above 1 when a channel's largest level is unused); empty = 1
         # everywhere. A buffer, not a parameter: it stays fixed while the latent weights train.
@@ -231,14 +264,29 @@ class WeightQuantizer(_Quantizer):
     def grid(self) -> tuple[int, int]:
         return qrange(self.bits, True, self.narrow)
 
+    def block_amax(self, w: torch.Tensor) -> torch.Tensor:
+        """``max|w|`` per block ``[C, ceil(K / block)]`` of a 2-D weight (``block > 0``)."""
+        if w.dim() != 2:
+            raise QuantError(f"blocked weight quantization needs a 2-D (Linear) weight, got shape {list(w.shape)}")
+        C, K = w.shape
+        nb = -(-K // self.block)
+        a = w.detach().abs()
+        if nb * self.block != K:
+            a = torch.nn.functional.pad(a, (0, nb * self.block - K))
+        return a.reshape(C, nb, self.block).amax(dim=2)
+
     def scale_for(self, w: torch.Tensor) -> torch.Tensor:
-        """Per-channel scale, shape ``[C]``; all-zero channels get scale 1 (their integers are 0)."""
-        dims = [d for d in range(w.dim()) if d != self.axis]
-        amax = w.detach().abs().amax(dim=dims)
+        """Per-channel scale ``[C]`` (blocked: ``[C, ceil(K / block)]``); all-zero channels or
+        blocks get scale 1 (their integers are 0)."""
+        if self.block:
+            amax = self.block_amax(w)
+        else:
+            dims = [d for d in range(w.dim()) if d != self.axis]
+            amax = w.detach().abs().amax(dim=dims)
         if self.clip.numel():
             if self.clip.numel() != amax.numel():
                 raise QuantError(f"weight clipping has {self.clip.numel()} ratios for {amax.numel()} channels")
-            amax = amax * self.clip.to(amax.dtype)
+            amax = amax * self.clip.to(amax.dtype).reshape(amax.shape)
         s = 2 * amax / (2**self.bits - 1)
         return torch.where(s > 0, s, torch.ones_like(s))
 
@@ -248,6 +296,11 @@ class WeightQuantizer(_Quantizer):
         qmin, qmax = self.grid()
         s = self.scale_for(w)
         z = torch.zeros_like(s)
+        if self.block:
+            if is_export_mode():
+                return torch.ops.maskaq.fake_quant_blocked(w, s, z, qmin, qmax, self.block)
+            K = w.shape[1]
+            return fake_quant(w, expand_blocks(s, self.block, K), expand_blocks(z, self.block, K), qmin, qmax)
         if is_export_mode():
             return torch.ops.maskaq.fake_quant(w, s, z, qmin, qmax, self.axis)
         shape = [1] * w.dim()
@@ -261,6 +314,8 @@ class WeightQuantizer(_Quantizer):
                              qmin, qmax, s, torch.zeros_like(s), self.enabled)
 
     def extra_repr(self) -> str:
+        if self.block:
+            return super().extra_repr() + f", blocked(axis=1, block={self.block}), narrow={self.narrow}"
         return super().extra_repr() + f", per_channel(axis={self.axis}), narrow={self.narrow}"
 
 

@@ -111,13 +111,41 @@ def search_range(x: torch.Tensor, lo0: float, hi0: float, qmin: int, qmax: int, 
 
 
 def search_weight_clip(w: torch.Tensor, bits: int, narrow: bool = False, axis: int = 0,
-                       grid: torch.Tensor | None = None, chunk: int = 1 << 24) -> torch.Tensor:
+                       grid: torch.Tensor | None = None, chunk: int = 1 << 24, block: int = 0,
+                       importance: torch.Tensor | None = None) -> torch.Tensor:
     """Per-output-channel clipping ratio ``c_r`` in (0, 1] minimising the channel's quantization
     MSE under the weight quantizer's rule ``s_r = 2 c_r max|w_r| / (2^b - 1)`` (grid
-    ``[-2^(b-1), 2^(b-1)-1]``, narrow drops the lowest level). Returns ``[C]``."""
+    ``[-2^(b-1), 2^(b-1)-1]``, narrow drops the lowest level). Returns ``[C]``.
+
+    ``block=B`` (2-D weights, axis 0): one ratio per block of ``B`` input elements of each
+    output channel (the blocked quantizer's scales), returned ``[C, ceil(K / B)]``. Needs no
+    data: it minimises each block's own weight reconstruction error.
+
+    ``importance``: non-negative weights of the squared errors, shaped like ``w`` or ``[K]``
+    (one per input feature, e.g. ``E[x_k^2]`` of the layer's input: the error then approximates
+    the output error ``E||(W - W_q) x||^2`` without cross terms)."""
     g = (_GRID if grid is None else grid).to(torch.float32)
     g = g[g >= 0.2]  # weight channels: an 80 % clip is already extreme
+    if block:
+        C, K = w.shape
+        nb = -(-K // block)
+        Wb = w.detach().float()
+        if nb * block != K:  # zero padding: adds no error and does not change a block's max
+            Wb = torch.nn.functional.pad(Wb, (0, nb * block - K))
+        imp = None
+        if importance is not None:
+            imp = importance.detach().float().to(Wb.device)
+            imp = imp.expand(C, K) if imp.dim() == 1 else imp
+            if nb * block != K:
+                imp = torch.nn.functional.pad(imp, (0, nb * block - K))
+            imp = imp.reshape(C * nb, block)
+        r = search_weight_clip(Wb.reshape(C * nb, block), bits, narrow, 0, grid, chunk, importance=imp)
+        return r.reshape(C, nb)
     W = w.detach().float().movedim(axis, 0).reshape(w.shape[axis], -1)
+    imp_all = None
+    if importance is not None:
+        imp_all = importance.detach().float().to(W.device)
+        imp_all = imp_all.expand_as(W) if imp_all.dim() == 1 else imp_all.reshape(W.shape)
     C, K = W.shape
     lo = -(2 ** (bits - 1)) + (1 if narrow else 0)
     hi = 2 ** (bits - 1) - 1
@@ -129,7 +157,10 @@ def search_weight_clip(w: torch.Tensor, bits: int, narrow: bool = False, axis: i
         s = (2 * ac[None, :] * g[:, None] / (2**bits - 1))  # [G, c]
         s = torch.where(s > 0, s, torch.ones_like(s))
         q = torch.clamp(torch.round(Wc[None] / s[..., None]), lo, hi) * s[..., None]
-        e = (q - Wc[None]).pow(2).mean(2)  # [G, c]
+        d2 = (q - Wc[None]).pow(2)
+        if imp_all is not None:
+            d2 = d2 * imp_all[i:i + step][None]
+        e = d2.mean(2)  # [G, c]
         out[i:i + step] = g[e.argmin(0)]
     return out
 
@@ -183,11 +214,15 @@ def init_ranges(
     report: dict[str, Any] = {"method": method, "weight_clip": weight_clip, "activations": {}, "weights": {}}
     mods = dict(Q.named_modules())
     qs = list(quantizers(Q))
+    blocked: list[tuple[str, WeightQuantizer, nn.Module]] = []
     for name, m in qs:
         if isinstance(m, WeightQuantizer):
             owner = mods[name.rpartition(".")[0]]
-            if weight_clip == "mse" and m.enabled and m.bits <= weight_clip_bits:
-                r = search_weight_clip(owner.weight, m.bits, m.narrow, m.axis)
+            if weight_clip == "mse" and m.enabled and m.bits <= weight_clip_bits and getattr(m, "block", 0):
+                blocked.append((name, m, owner))  # searched below, weighted by the input's energy
+                m.set_clip(None)
+            elif weight_clip == "mse" and m.enabled and m.bits <= weight_clip_bits:
+                r = search_weight_clip(owner.weight, m.bits, m.narrow, m.axis, block=m.block)
                 m.set_clip(r)
                 report["weights"][name] = {"bits": m.bits, "mean_clip": round(float(r.mean()), 4),
                                            "min_clip": round(float(r.min()), 4)}
@@ -195,10 +230,22 @@ def init_ranges(
                 m.set_clip(None)
     acts = [(n, m) for n, m in qs if isinstance(m, ActQuantizer) and m.enabled]
     if method == "lsq":  # the paper's one-batch LSQ+ init happens in calibrate(), on the first batch
+        acts = []
+    if not acts and not blocked:
         report["time_s"] = round(time.perf_counter() - t0, 3)
         return report
     gen = torch.Generator().manual_seed(int(seed))
     stats: dict[str, dict[str, Any]] = {}
+    energy: dict[str, list[torch.Tensor]] = {}
+
+    def energy_hook(name: str) -> Callable:
+        def hook(mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            x = x.reshape(-1, x.shape[-1])
+            e = energy.setdefault(name, [torch.zeros(x.shape[-1], device=x.device), torch.zeros(())])
+            e[0] += (x * x).sum(0)
+            e[1] += x.shape[0]
+        return hook
 
     def hook_for(name: str) -> Callable:
         def hook(mod: nn.Module, args: tuple) -> None:
@@ -211,6 +258,7 @@ def init_ranges(
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in acts]
+    handles += [owner.register_forward_pre_hook(energy_hook(n)) for n, _, owner in blocked]
     training = Q.training
     try:
         Q.eval()
@@ -220,6 +268,19 @@ def init_ranges(
         for h in handles:
             h.remove()
         Q.train(training)
+    for name, m, owner in blocked:
+        # [ours, issue 14] blocked weights (weight-only flow): each block's clipping ratio minimises
+        # sum_k E[x_k^2] (w_k - q(w_k))^2, x the layer's input on the calibration batches (the
+        # arm's own data: synthetic images for MaskAQ): input features that carry more energy
+        # weigh more, which plain weight MSE ignores. Without calibration data: plain MSE.
+        e = energy.get(name)
+        imp = (e[0] / e[1].clamp_min(1)).cpu() if e is not None else None
+        if imp is not None and not bool(torch.isfinite(imp).all()):
+            raise QuantError(f"range init: layer input of {name} observed non-finite values")
+        r = search_weight_clip(owner.weight, m.bits, m.narrow, m.axis, block=m.block, importance=imp)
+        m.set_clip(r)
+        report["weights"][name] = {"bits": m.bits, "block": m.block, "mean_clip": round(float(r.mean()), 4),
+                                   "min_clip": round(float(r.min()), 4), "weighted": imp is not None}
     for name, m in acts:
         st = stats.get(name)
         if st is None:

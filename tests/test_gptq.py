@@ -232,3 +232,22 @@ def test_patience_stops_a_diverging_run_and_keeps_the_start():
     assert res.guard["kept_phase"] == "init"
     with pytest.raises(CalibError, match="patience"):
         CalibConfig(patience=-1)
+
+
+def test_gptq_on_blocked_weights_keeps_every_block_grid():
+    """The weight-only flow's blocked quantizers (one scale per 8 inputs here) round by GPTQ too."""
+    from maskaq.quant import WeightQuantizer, expand_blocks
+
+    P, Q = _tiny("3w8a")
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    lin = Q.blocks[0].mlp.fc1
+    lin.weight_quantizer = WeightQuantizer(3, block=8)
+    s0 = lin.weight_quantizer.scale_for(lin.weight).clone()
+    Q(x)
+    with torch.no_grad():
+        rep = gptq_round(Q, lambda model: model(x))
+    wq = lin.weight_quantizer
+    assert torch.allclose(wq.scale_for(lin.weight), s0, rtol=1e-5)
+    q = lin.weight / expand_blocks(s0, 8, lin.weight.shape[1])
+    assert torch.allclose(q, q.round(), atol=1e-4)
+    assert rep["layers"]["blocks.0.mlp.fc1"]["gptq_err"] < rep["layers"]["blocks.0.mlp.fc1"]["rtn_err"]

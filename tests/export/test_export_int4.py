@@ -43,21 +43,21 @@ def test_int4_structure(int4, vit):
     assert len(dqs) == 10
     for n in dqs:
         t = inits[n.input[0]]
-        assert t.data_type == onnx.TensorProto.INT4 and len(n.input) == 2  # symmetric: no zero-point
         attrs = {a.name: a.i for a in n.attribute}
         q, s = numpy_helper.to_array(t), numpy_helper.to_array(inits[n.input[1]])
-        assert attrs["block_size"] == 32
+        assert t.data_type == onnx.TensorProto.INT4 and q.min() >= -8 and q.max() <= 7
         ax = attrs["axis"]
-        assert s.shape[ax] == -(-q.shape[ax] // 32) and q.min() >= -8 and q.max() <= 7
-        if q.ndim == 2:  # Linear stored [in, out]: the reduction axis is 0
-            assert ax == 0
-        else:  # conv [out, in, kh, kw]: blocks along the input channels
-            assert ax == 1
+        if q.ndim == 2:  # Linear stored [in, out]: blocks along the reduction axis 0, no zero-point
+            assert attrs["block_size"] == 32 and ax == 0 and len(n.input) == 2
+            assert s.shape[ax] == -(-q.shape[ax] // 32)
+        else:  # patch conv [out, in, kh, kw]: per output channel (3 input channels cannot be blocked by 32)
+            assert "block_size" not in attrs and ax == 0 and s.shape == (q.shape[0],)
     meta = {p.key: p.value for p in m.metadata_props}
     assert json.loads(meta["maskaq.quant"]) == {"w_bits": 4, "a_bits": 32, "profile": "int4-weight-only",
                                                 "method": "test", "block_size": 32}
     assert int4.enc["activation_encodings"] == {} and len(int4.enc["param_encodings"]) == 10
-    assert all(v.get("block_size") == 32 for v in int4.enc["maskaq"]["quantizers"].values() if v["kind"] == "weight")
+    assert all(v.get("block_size") == (None if k.startswith("patch_embed") else 32)
+               for k, v in int4.enc["maskaq"]["quantizers"].items() if v["kind"] == "weight")
 
 
 def test_int4_matches_torch_reference(int4, vit, helpers, tmp_path):
@@ -69,7 +69,10 @@ def test_int4_matches_torch_reference(int4, vit, helpers, tmp_path):
     for name, mod in R.named_modules():
         if hasattr(mod, "weight_quantizer"):
             with torch.no_grad():
-                mod.weight.copy_(block_fake_quant(mod.weight, 1, 32))
+                if mod.weight.dim() == 2:
+                    mod.weight.copy_(block_fake_quant(mod.weight, 1, 32))
+                else:  # the patch conv: its own calibrated 4-bit per-channel quantizer
+                    mod.weight.copy_(mod.weight_quantizer(mod.weight))
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     with quantizers_disabled(R), torch.no_grad():
         ref = R(x).numpy()
