@@ -75,14 +75,23 @@ def test_gptq_round_keeps_each_grid_and_brings_q_closer_to_p():
     scales = {n: m.weight_quantizer.scale_for(m.weight).clone() for n, m in layers.items()}
     Q(x), Q2(x)  # initialise the activation ranges the same way in both
     Q2.load_state_dict(Q.state_dict())
+    Q3 = quantize_model(P, QuantConfig.parse("3w8a"))
+    Q3.load_state_dict(Q.state_dict())
     with torch.no_grad():
         rep = gptq_round(Q, lambda model: model(x))
+        gptq_round(Q3, lambda model: model(x), latent="grid")
     assert set(rep["layers"]) == set(layers)  # the patch conv (stride = kernel) is included
+    l3 = {n: m for n, m in Q3.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))}
     for n, m in layers.items():
         wq = m.weight_quantizer
-        # the grid is the one the weights were rounded to, and the latent weights sit on it
+        # the grid is the one the weights were rounded to
         assert torch.allclose(wq.scale_for(m.weight), scales[n], rtol=1e-5)
-        assert torch.allclose(wq(m.weight), m.weight, atol=1e-6)
+        assert torch.allclose(l3[n].weight_quantizer.scale_for(l3[n].weight), scales[n], rtol=1e-5)
+        # latent="grid": the latent weights sit on it; the default (compensated latent weights)
+        # quantizes to the very same values, but keeps the weights off the grid points
+        assert torch.allclose(l3[n].weight_quantizer(l3[n].weight), l3[n].weight, atol=1e-6)
+        assert torch.allclose(wq(m.weight), l3[n].weight, atol=1e-5)
+        assert not torch.allclose(m.weight, l3[n].weight, atol=1e-6)
         assert rep["layers"][n]["gptq_err"] <= rep["layers"][n]["rtn_err"] * (1 + 1e-6)
     with torch.no_grad():
         zp = P(x)
@@ -248,6 +257,6 @@ def test_gptq_on_blocked_weights_keeps_every_block_grid():
         rep = gptq_round(Q, lambda model: model(x))
     wq = lin.weight_quantizer
     assert torch.allclose(wq.scale_for(lin.weight), s0, rtol=1e-5)
-    q = lin.weight / expand_blocks(s0, 8, lin.weight.shape[1])
+    q = wq(lin.weight) / expand_blocks(s0, 8, lin.weight.shape[1])
     assert torch.allclose(q, q.round(), atol=1e-4)
     assert rep["layers"]["blocks.0.mlp.fc1"]["gptq_err"] < rep["layers"]["blocks.0.mlp.fc1"]["rtn_err"]
