@@ -302,7 +302,7 @@ def seeds_table(work: Path, seeds: list[str], out: Path) -> int:
         a, b = mcnemar(o, ok["ort-rtn-sym"]), mcnemar(o, ok["ort-rtn-asym"])
         L.append(f"| {seed} | {accs[-1]:.2f} | {a['a_only']} / {a['b_only']}, {a['p']:.2g} | "
                  f"{b['a_only']} / {b['b_only']}, {b['p']:.2g} |")
-    L.append(f"| mean | {np.mean(accs):.2f} | rtn-sym {ok['ort-rtn-sym'].mean() * 100:.2f} | "
+    L.append(f"| mean of these rows | {np.mean(accs):.2f} | rtn-sym {ok['ort-rtn-sym'].mean() * 100:.2f} | "
              f"rtn-asym {ok['ort-rtn-asym'].mean() * 100:.2f} |")
     old = out.read_text() if out.is_file() else ""
     old = old.split("\nSeeds of the data-free arm")[0].rstrip("\n") + "\n"
