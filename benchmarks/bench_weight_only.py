@@ -197,10 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--state", default=None, help="reuse a finished weight-only run's calibrated.pt")
     ap.add_argument("--render", default=None, metavar="JSON", help="only rewrite the table from a saved weight_only.json")
+    ap.add_argument("--seeds", nargs="+", default=None, metavar="SEED=FILE.onnx",
+                    help="after a full run: score these weight-only files (other seeds of the same command) against "
+                         "the ORT RTN files in --work and append a table to -o")
     args = ap.parse_args(argv)
     if args.render:
         write_md(json.loads(Path(args.render).read_text()), Path(args.out))
         return 0
+    if args.seeds:
+        return seeds_table(Path(args.work), args.seeds, Path(args.out))
     torch.set_num_threads(1)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -273,6 +278,36 @@ def main(argv: list[str] | None = None) -> int:
     (work / "weight_only.json").write_text(json.dumps(result, indent=1))
     write_md(result, Path(args.out))
     print(json.dumps({k: v for k, v in result.items() if k != "census"}, indent=1))
+    return 0
+
+
+def seeds_table(work: Path, seeds: list[str], out: Path) -> int:
+    from maskaq.io import atomic_write_bytes
+    from maskaq.models import load_model
+
+    lm = load_model("fmnist_vit")
+    x_u8, y = load_split("test")
+    x, y = model_input(x_u8, lm.data_config).numpy(), y.numpy()
+    ok = {k: predict(session(work / f"{k.replace('-', '_')}_l0.onnx", 0), x).argmax(1) == y
+          for k in ("ort-rtn-sym", "ort-rtn-asym")}
+    L = ["", ("Seeds of the data-free arm (`maskaq-export fmnist_vit --bits 4 --weight-only --block-size 32 --seed S`), "
+         "top-1 at L0 and McNemar against ORT's round to nearest (`python benchmarks/bench_weight_only.py --work DIR "
+         "--seeds 0=FILE ...`):"), "",
+         "| seed | top-1 | vs rtn-sym: a_only / b_only, p | vs rtn-asym: a_only / b_only, p |", "|---|---|---|---|"]
+    accs = []
+    for item in seeds:
+        seed, _, f = item.partition("=")
+        o = predict(session(Path(f), 0), x).argmax(1) == y
+        accs.append(o.mean() * 100)
+        a, b = mcnemar(o, ok["ort-rtn-sym"]), mcnemar(o, ok["ort-rtn-asym"])
+        L.append(f"| {seed} | {accs[-1]:.2f} | {a['a_only']} / {a['b_only']}, {a['p']:.2g} | "
+                 f"{b['a_only']} / {b['b_only']}, {b['p']:.2g} |")
+    L.append(f"| mean of these rows | {np.mean(accs):.2f} | rtn-sym {ok['ort-rtn-sym'].mean() * 100:.2f} | "
+             f"rtn-asym {ok['ort-rtn-asym'].mean() * 100:.2f} |")
+    old = out.read_text() if out.is_file() else ""
+    old = old.split("\nSeeds of the data-free arm")[0].rstrip("\n") + "\n"
+    atomic_write_bytes(out, (old + "\n".join(L) + "\n").encode())
+    print("\n".join(L))
     return 0
 
 

@@ -470,7 +470,7 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
     report["versions"] = package_versions()
     atomic_write_json(paths["report"], report)
     if not quiet:
-        tag = "int4-weight-only" if weight_only_int4 else profile
+        tag = result.profile
         click.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB, {tag}, opset {result.opset}, "
                    f"{result.num_quantizers} quantizers) in {timings['total_s']:.1f} s")
         click.echo(f"      {result.encodings_path}, {paths['report']}; run directory {run_path}")

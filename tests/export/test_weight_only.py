@@ -309,3 +309,24 @@ def test_cli_bad_weight_options_one_line(tmp_path, args, needle):
     r = _invoke("fmnist_vit", "--bits", "4", *args, "-o", tmp_path / "m.onnx")
     assert r.exit_code == 2 and needle in r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_float_activations_per_channel_weights(tmp_path, helpers):
+    """``--a-bits 16`` alone: float activations, per-channel weights (opset 20, int8; or INT4 storage)."""
+    lm = _vit(1, 4, 16)
+    Q = quantize_model(lm.model, QuantConfig(4, 16))
+    x = _x(lm)
+    r8, m8 = _export(tmp_path, "wo_pc", lm, Q)
+    r4, m4 = _export(tmp_path, "wo_pc4", lm, Q, weight_storage="int4")
+    import json
+
+    for r, m, dt in ((r8, m8, TensorProto.INT8), (r4, m4, TensorProto.INT4)):
+        assert r.profile == "ort" and not any(n.op_type == "QuantizeLinear" for n in m.graph.node)
+        dqs = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+        assert dqs and all("block_size" not in _attrs(n) and _inits(m)[n.input[0]].data_type == dt for n in dqs)
+        assert json.loads({p.key: p.value for p in m.metadata_props}["maskaq.quant"])["a_bits"] == 32
+    with torch.no_grad():
+        ref = Q(x).numpy()
+    for r in (r8, r4):
+        got = helpers.ort_session(r.path).run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
