@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .qmodel import QuantConv2d, QuantLinear
-from .quant import expand_blocks, qrange
+from .quant import ActQuantizer, expand_blocks, qrange
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,9 @@ def _inputs_of(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as rows ``[n, in]`` (after its input quantizer; patches for a conv)."""
     if isinstance(mod, QuantLinear):
         iq = mod.input_quantizer
-        if not iq.enabled or bool(iq.initialized):  # never trigger an LSQ+ initialisation here
+        if not isinstance(iq, ActQuantizer):  # weight-only models: a float input (nn.Identity)
+            pass
+        elif not iq.enabled or bool(iq.initialized):  # never trigger an LSQ+ initialisation here
             x = iq(x)
         return x.reshape(-1, x.shape[-1])
     cols = F.unfold(x, kernel_size=mod.kernel_size, stride=mod.stride)  # [B, C*k*k, L]

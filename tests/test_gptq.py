@@ -260,3 +260,13 @@ def test_gptq_on_blocked_weights_keeps_every_block_grid():
     q = wq(lin.weight) / expand_blocks(s0, 8, lin.weight.shape[1])
     assert torch.allclose(q, q.round(), atol=1e-4)
     assert rep["layers"]["blocks.0.mlp.fc1"]["gptq_err"] < rep["layers"]["blocks.0.mlp.fc1"]["rtn_err"]
+
+
+def test_gptq_on_a_weight_only_model_reads_float_inputs():
+    """Weight-only models (float activations) have no input quantizers: GPTQ reads the float input."""
+    P, _ = _tiny()
+    Q = quantize_model(P, QuantConfig(w_bits=4, a_bits=16, weight_block=16))
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        rep = gptq_round(Q, lambda model: model(x))
+    assert "blocks.0.attn.qkv" in rep["layers"] and rep["mean_err_ratio"] < 1.0
