@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import investigate_calibration as ic  # noqa: E402
+from benchmarks.cpuinfo import isa_summary  # noqa: E402
 
 #: budget -> overrides of the ``cpu`` preset (64 images, 50 steps, 16 epochs, refresh every 8)
 BUDGETS: dict[str, dict[str, str]] = {
@@ -33,14 +33,6 @@ BUDGETS: dict[str, dict[str, str]] = {
     "b3": {"num_images": "128", "synth.steps": "100", "calib.epochs": "24", "calib.refresh_every": "12"},
     "b4": {"num_images": "256", "synth.steps": "150", "calib.epochs": "32", "calib.refresh_every": "16"},
 }
-
-
-def _isa() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    return "AVX512-VNNI" if "avx512_vnni" in flags else ("AVX2" if "avx2" in flags else platform.machine())
 
 
 def report(out: Path, md: Path, models: list[str] | None = None, tag: str = "budget") -> None:
@@ -62,8 +54,7 @@ def report(out: Path, md: Path, models: list[str] | None = None, tag: str = "bud
              "`python benchmarks/budget_curve.py` (command in its docstring); PyTorch fake-quant top-1 on the",
              "validation slice (training images 55,000+), never the test set. Wall and CPU seconds of the whole",
              "run (synthesis + range search + calibration), one process, `OMP_NUM_THREADS=1`; the machine was",
-             f"shared with other jobs, so wall seconds are noisy (CPU seconds less so). CPU: {_isa()}, "
-             f"{os.cpu_count()} cores.", "",
+             f"shared with other jobs, so wall seconds are noisy (CPU seconds less so). CPU: {isa_summary()}.", "",
              "Budgets (overrides of the `cpu` preset): " + "; ".join(
                  f"`{b}` " + (" ".join(f"{k}={v}" for k, v in o.items()) or "(the preset)") for b, o in BUDGETS.items()),
              "", "| model | setting | arm | budget | seeds | val top-1 | wall s | CPU s |", "|---|---|---|---|---|---|---|---|"]

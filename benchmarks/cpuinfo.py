@@ -1,7 +1,7 @@
 """The CPU's integer/bf16 ISA, for benchmark table headers (Linux x86 /proc/cpuinfo)."""
 from __future__ import annotations
 
-import platform
+from runtime_eval.session import cpu_model  # the harness's own reader of the model name
 
 #: flag -> what to call it in a table header, most relevant first
 _FLAGS = [
@@ -19,17 +19,6 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def isa_summary() -> str:
