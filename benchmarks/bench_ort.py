@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                         profiles.append((name, setting, mode if setting != "fp32" else "-",
                                          op_profile(path, mode, chw, args.profile_batch, 3, args.threads, tmp)))
     fp = {(r["model"], r["batch"]): r["p50"] for r in rows if r["setting"] == "fp32"}
-    lines = [f"# ORT latency, throughput and export cost\n", f"Command: `{cmd}`  ",
+    lines = ["# ORT latency, throughput and export cost\n", f"Command: `{cmd}`  ",
              f"CPU: {cpu_model()} (VNNI: {cpu_vnni()}), torch {torch.__version__}, CPU provider. "
              f"Medians of {args.repeats} measurements of {args.iters} timed runs each after warm-up.\n",
              "| model | setting | ORT mode | batch | p50 ms | images/s | p50 vs FP32 | export s | ONNX MB | size vs FP32 |",

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -88,7 +87,7 @@ def _cell(v: list[float]) -> str:
 
 
 def write(rows: list[dict[str, Any]], out: Path, steps: int, epochs: int, md: Path, command: str) -> None:
-    lines = [f"# Method ranking on the validation slice\n", f"Command: `{command}`\n",
+    lines = ["# Method ranking on the validation slice\n", f"Command: `{command}`\n",
              "Validation slice = training images 55,000-59,999 (never trained on, never the test set). "
              "PyTorch fake-quant top-1 (the ONNX graphs agree within 0.1 points, docs/RESULTS.md).\n"]
     if rows:

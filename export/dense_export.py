@@ -29,7 +29,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import onnx
 import torch
 from torch import nn
 

@@ -29,13 +29,7 @@ from maskaq.quant import ActQuantizer
 C2 = 0.03**2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: oversubscribed intra-op threads make tiny models 10-50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_vit(seed: int = 0):

@@ -11,12 +11,7 @@ from maskaq.gptq import gptq_layer, gptq_round
 from maskaq.qmodel import QuantConfig, QuantConv2d, QuantLinear, prepare_model, quantize_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _grid(W: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, int, int]:

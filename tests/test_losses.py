@@ -12,13 +12,7 @@ C1, C2 = 0.01**2, 0.03**2
 LOG_2PIE = math.log(2 * math.pi * math.e)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: OpenMP threads only add spin-wait overhead on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ce_uniform_logits_is_log_classes():

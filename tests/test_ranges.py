@@ -16,12 +16,7 @@ from maskaq.quant import ActQuantizer, WeightQuantizer
 from maskaq.ranges import init_ranges, quant_mse, search_range, search_weight_clip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(seed: int = 0, bits: str = "4w4a"):

@@ -18,12 +18,7 @@ from maskaq.qmodel import prepare_model
 from maskaq.synthesis import SynthConfig, attention_layout, augment_code, augment_roll_flip, lr_at, synthesize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit(**kw):

@@ -21,14 +21,7 @@ from maskaq.synthesis import SynthConfig, SynthesisError, derive_seed, synthesiz
 NO_AUG = dict(jitter=0, jitter_late=0, noise_std=0.0, jitter_mean=0.0, jitter_log_std=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: OpenMP threads only add spin-wait overhead on a shared machine, and one thread
-    # makes the single-process and the 2-rank runs use the same float reduction order
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit() -> nn.Module:

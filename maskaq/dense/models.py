@@ -6,8 +6,8 @@ plus the exportable parts (:class:`BackboneNeck`, :class:`RPNHeadPart`, :class:`
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -18,7 +18,7 @@ Parameter names match the official checkpoints' ``backbone.*`` keys (see
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch

@@ -18,7 +18,7 @@ from maskaq.dense.models import BackboneNeck, MaskRCNN, RPNHeadPart, UperNet, Up
 from maskaq.dense.quantize import (DENSE_MODELS, DenseError, DenseRunConfig, DistillTarget, QuantConvAct,
                                    build_dense_model, calibration_boxes, dense_data_config, dense_distill,
                                    load_dense_calibrated, quantize_dense, run_dense_pipeline)
-from maskaq.dense.swin import SwinBackbone, window_partition
+from maskaq.dense.swin import SwinBackbone
 from maskaq.qmodel import QuantConfig, QuantLinear, prepare_model, record_attention
 from maskaq.synthesis import SynthConfig, SynthesisError, attention_layout, synthesize
 

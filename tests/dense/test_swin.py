@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from maskaq.dense.models import tiny_swin_config
-from maskaq.dense.swin import SwinBackbone, SwinConfig
+from maskaq.dense.swin import SwinBackbone
 
 torch.manual_seed(0)
 

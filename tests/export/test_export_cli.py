@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from export.cli import main
-from maskaq.models import DataConfig, load_model, save_checkpoint
+from maskaq.models import load_model, save_checkpoint
 
 
 def invoke(*args: str):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import torch
 from onnx import numpy_helper
 
