@@ -62,6 +62,19 @@ def build_encodings(records: dict[str, QuantRecord], profile: str, opset: int) -
     for name, r in records.items():
         if r.onnx_output is None:  # activation left float (weight-only artifact)
             continue
+        if r.encoding == "log2":
+            # no AIMET encoding exists for it (not a linear grid): the maskaq block describes it
+            table[name] = {
+                "kind": r.kind, "encoding": "log2", "bits": r.bits, "codes": [r.qmin, r.qmax],
+                "scale": float(np.asarray(r.scale, np.float32).reshape(-1)[0]),
+                "rule": "code = clamp(round(-log2(x / scale)), 0, 2^bits - 1); value = scale * 2^-code, "
+                        "top code = 0; computed as values[#(thresholds <= x)]",
+                "thresholds": [float(v) for v in np.asarray(r.thresholds, np.float32)],
+                "values": [float(v) for v in np.asarray(r.values, np.float32)],
+                "runs_in": "float", "onnx_input": r.onnx_input, "onnx_output": r.onnx_output,
+                "nodes": list(r.onnx_extra.get("nodes", [])),
+            }
+            continue
         scales = np.asarray(r.scale, np.float32).reshape(-1)
         zps = np.asarray(r.zero_point).reshape(-1).astype(int)
         encs = [_enc(r.bits, float(s), int(z), r.qmin, r.qmax, int(z) == 0 and r.signed)
@@ -85,6 +98,7 @@ def build_encodings(records: dict[str, QuantRecord], profile: str, opset: int) -
         entry.update({k: v for k, v in r.onnx_extra.items() if k in ("qweight", "transposed", "nodes", "stored_zero_point")})
         table[name] = entry
     a_bits = sorted({r.bits for r in records.values() if r.kind == "activation" and r.onnx_output})
+    log2 = [n for n, r in records.items() if r.encoding == "log2" and r.onnx_output]
     w_bits = sorted({r.bits for r in records.values() if r.kind == "weight"})
     return {
         "version": AIMET_VERSION,
@@ -96,8 +110,11 @@ def build_encodings(records: dict[str, QuantRecord], profile: str, opset: int) -
             "param_bitwidth": w_bits[0] if len(w_bits) == 1 else w_bits,
             "dtype": "int",
             "per_channel_quantization": True,
-            "is_symmetric": all(int(z) == 0 for r in records.values() if r.onnx_output
+            "is_symmetric": all(int(z) == 0 for r in records.values() if r.onnx_output and r.encoding == "linear"
                                 for z in np.asarray(r.zero_point).reshape(-1)),
         },
-        "maskaq": {"profile": profile, "opset": opset, "quantizers": table},
+        "maskaq": {"profile": profile, "opset": opset, "quantizers": table,
+                   # quantizers computed by float ops, not an AIMET grid (log2 softmax): not in
+                   # activation_encodings; described in "quantizers"
+                   **({"float_quantizers": log2} if log2 else {})},
     }

@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from maskaq.quant import ActQuantizer, WeightQuantizer, expand_blocks
+from maskaq.quant import ACTIVATION_QUANTIZERS, ActQuantizer, Log2Quantizer, WeightQuantizer, expand_blocks, log2_tables
 
 from .profiles import INT8_RANGE, UINT8_RANGE, _sync, storage_dtype
 
-__all__ = ["QuantRecord", "FrozenActQuantizer", "FrozenWeightQuantizer", "freeze_model", "uninitialized_quantizers"]
+__all__ = ["QuantRecord", "FrozenActQuantizer", "FrozenWeightQuantizer", "FrozenLog2Quantizer", "freeze_model",
+           "uninitialized_quantizers"]
 
 _TORCH_DTYPE = {"int8": torch.int8, "uint8": torch.uint8}
 
@@ -55,6 +56,10 @@ class QuantRecord:
     owner: str = ""  # module owning the weight (weights)
     qweight: np.ndarray | None = None
     block_size: int | None = None
+    #: "linear" (Q/DQ) or "log2" (:class:`maskaq.quant.Log2Quantizer`: float ops, the two tables below)
+    encoding: str = "linear"
+    thresholds: np.ndarray | None = None  # log2: float32 [2^b - 1], ascending
+    values: np.ndarray | None = None  # log2: float32 [2^b], indexed by the number of thresholds <= x
     # filled by the exporter: ONNX tensor names
     onnx_input: str | None = None
     onnx_output: str | None = None
@@ -102,9 +107,37 @@ class FrozenWeightQuantizer(nn.Module):
         return torch.ops.maskaq.fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
 
 
+class FrozenLog2Quantizer(nn.Module):
+    """Log2 quantizer with constant tables (export only): buffers ``<quantizer>.thresholds`` and
+    ``<quantizer>.values``, the op ``torch.ops.maskaq.log2_quant`` (same maths as the trained one)."""
+
+    def __init__(self, rec: QuantRecord) -> None:
+        super().__init__()
+        self.bits = rec.bits
+        self.register_buffer("thresholds", torch.from_numpy(np.array(rec.thresholds, np.float32)))
+        self.register_buffer("values", torch.from_numpy(np.array(rec.values, np.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.maskaq.log2_quant(x, self.thresholds, self.values, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"log2, bits={self.bits}, scale={float(self.values[-1]):.6g}"
+
+
 def uninitialized_quantizers(Q: nn.Module) -> list[str]:
     """Names of enabled activation quantizers that have never seen data."""
-    return [n for n, m in Q.named_modules() if isinstance(m, ActQuantizer) and m.enabled and not bool(m.initialized)]
+    return [n for n, m in Q.named_modules()
+            if isinstance(m, ACTIVATION_QUANTIZERS) and m.enabled and not bool(m.initialized)]
+
+
+@torch.no_grad()
+def _log2_record(name: str, q: Log2Quantizer) -> QuantRecord:
+    s = float(q.scale.reshape(-1)[0])
+    t, v = log2_tables(s, q.bits)
+    qmin, qmax = q.grid()
+    return QuantRecord(name, "activation", q.bits, qmin, qmax, False, False, True, -1, "float32",
+                       np.asarray(np.float32(s), np.float32), np.asarray(0, np.int64), None,
+                       encoding="log2", thresholds=t.numpy(), values=v.numpy())
 
 
 @torch.no_grad()
@@ -152,7 +185,14 @@ def freeze_model(M: nn.Module, profile: str) -> dict[str, QuantRecord]:
     for name, owner in list(M.named_modules()):
         for cname, q in list(owner.named_children()):
             full = f"{name}.{cname}" if name else cname
-            if isinstance(q, ActQuantizer):
+            if isinstance(q, Log2Quantizer):
+                if not q.enabled:
+                    setattr(owner, cname, nn.Identity())
+                    continue
+                rec = _log2_record(full, q)
+                setattr(owner, cname, FrozenLog2Quantizer(rec))
+                records[full] = rec
+            elif isinstance(q, ActQuantizer):
                 if not q.enabled:
                     setattr(owner, cname, nn.Identity())
                     continue

@@ -50,7 +50,7 @@ from maskaq.quant import export_mode
 
 from .encodings import build_encodings
 from .freeze import QuantRecord, freeze_model, uninitialized_quantizers
-from .profiles import PROFILES, Conversion, convert_for_profile
+from .profiles import PROFILES, Conversion, convert_for_profile, pure_qdq_refusal
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ __all__ = [
     "gemm_to_matmul",
     "weight_blocks",
     "op_census",
+    "log2_nodes",
 ]
 
 DEFAULT_OPSET = 20
@@ -82,6 +83,8 @@ WEIGHT_STORAGES = ("int8", "int4")
 SUPPORTED_OPSETS = range(18, 24)
 _TWO_GB = 2**31
 _ONNX_DTYPE = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int4": TensorProto.INT4}
+#: Domain of the placeholder node the log2 quantizer exports as before the rewrite (never in a file).
+LOG2_DOMAIN = "maskaq.export"
 
 
 class ExportError(ValueError):
@@ -170,6 +173,16 @@ def _opset_module(opset: int) -> Any:
     return mod
 
 
+def _log2_schema() -> onnx.defs.OpSchema:
+    """Schema of the log2 placeholder node (it only lives between tracing and the rewrite)."""
+    S = onnx.defs.OpSchema
+    return S("Log2Quant", LOG2_DOMAIN, 1,
+             inputs=[S.FormalParameter("x", "tensor(float)"), S.FormalParameter("thresholds", "tensor(float)"),
+                     S.FormalParameter("values", "tensor(float)")],
+             outputs=[S.FormalParameter("y", "tensor(float)")],
+             attributes=[S.Attribute("bits", S.AttrType.INT, "bit width")])
+
+
 def translation_table(opset: int) -> dict[Callable, Callable]:
     """``custom_translation_table`` mapping ``maskaq::fake_quant`` to standard ONNX.
 
@@ -194,7 +207,16 @@ def translation_table(opset: int) -> dict[Callable, Callable]:
         hi = op.Constant(value=helper.make_tensor("qmax", TensorProto.INT8, [], [qmax]))
         return op.DequantizeLinear(op.Clip(q, lo, hi), scale, zero_point, axis=axis)
 
-    table = {torch.ops.maskaq.fake_quant.default: fake_quant}
+    from onnxscript.values import Op, Opset
+
+    log2_op = Op(Opset(LOG2_DOMAIN, 1), "Log2Quant", _log2_schema())
+
+    def log2_quant(x, thresholds, values, bits: int):  # noqa: ANN001,ANN202
+        # one placeholder node that constant folding leaves alone; rewrite_quantizers replaces it
+        # with standard float ops (log2_nodes) named after the quantizer
+        return log2_op(x, thresholds, values, bits=bits)
+
+    table = {torch.ops.maskaq.fake_quant.default: fake_quant, torch.ops.maskaq.log2_quant.default: log2_quant}
     if opset >= INT4_OPSET:
         def fake_quant_blocked(x, scale, zero_point, qmin: int, qmax: int, block: int):
             # blocked weights (weight-only flow): QuantizeLinear-21 with block_size along axis 1
@@ -326,6 +348,48 @@ def activation_storage(rec: QuantRecord, profile: str = "ort") -> tuple[str, int
     return rec.storage, z
 
 
+def log2_nodes(rec: QuantRecord, x: str, out: str, tag: str = "") -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Standard float ONNX ops computing the log2 quantizer ``rec`` of tensor ``x`` into ``out``
+    (exactly :func:`maskaq.quant.log2_fake_quant`): with ``A = <q>.thresholds`` (``[M]``,
+    ascending, ``M = 2^b - 1``), the number ``n`` of thresholds ``<= x`` by binary search in ``b``
+    steps (step ``j``: ``n <- Where(Less(x, A[n + 2^j - 1]), n, n + 2^j)``, the first step on a
+    constant threshold), then ``out = Gather(<q>.values, n)``. Only comparisons, int64 additions
+    and gathers: no float arithmetic, so any runtime computes the same numbers. Returns
+    ``(nodes, initializers)``."""
+    q = rec.name
+    b = int(rec.bits)
+    A = np.asarray(rec.thresholds, np.float32)
+    V = np.asarray(rec.values, np.float32)
+    if A.shape != (2**b - 1,) or V.shape != (2**b,):
+        raise ExportError(f"{q}: log2 tables of shape {A.shape}/{V.shape} do not fit {b} bits")
+    inits = [_tensor(f"{q}.thresholds", A), _tensor(f"{q}.values", V)]
+    nodes: list[onnx.NodeProto] = []
+    top = 2 ** (b - 1)
+    inits += [_tensor(f"{q}.threshold_mid", np.asarray(A[top - 1], np.float32)),
+              _tensor(f"{q}.zero_index", np.asarray(0, np.int64))]
+    pre = f"{q}/Log2"
+    nodes.append(helper.make_node("Less", [x, f"{q}.threshold_mid"], [f"{q}.below{b - 1}{tag}"], name=f"{pre}/Less{b - 1}{tag}"))
+    inits.append(_tensor(f"{q}.step{b - 1}", np.asarray(top, np.int64)))
+    n = f"{q}.index{b - 1}{tag}"
+    nodes.append(helper.make_node("Where", [f"{q}.below{b - 1}{tag}", f"{q}.zero_index", f"{q}.step{b - 1}"], [n],
+                                  name=f"{pre}/Where{b - 1}{tag}"))
+    for j in range(b - 2, -1, -1):
+        inits += [_tensor(f"{q}.probe{j}", np.asarray(2**j - 1, np.int64)),
+                  _tensor(f"{q}.step{j}", np.asarray(2**j, np.int64))]
+        nodes += [
+            helper.make_node("Add", [n, f"{q}.probe{j}"], [f"{q}.probe_index{j}{tag}"], name=f"{pre}/AddProbe{j}{tag}"),
+            helper.make_node("Gather", [f"{q}.thresholds", f"{q}.probe_index{j}{tag}"], [f"{q}.threshold{j}{tag}"],
+                             name=f"{pre}/GatherThreshold{j}{tag}", axis=0),
+            helper.make_node("Less", [x, f"{q}.threshold{j}{tag}"], [f"{q}.below{j}{tag}"], name=f"{pre}/Less{j}{tag}"),
+            helper.make_node("Add", [n, f"{q}.step{j}"], [f"{q}.up{j}{tag}"], name=f"{pre}/AddStep{j}{tag}"),
+            helper.make_node("Where", [f"{q}.below{j}{tag}", n, f"{q}.up{j}{tag}"], [f"{q}.index{j}{tag}"],
+                             name=f"{pre}/Where{j}{tag}"),
+        ]
+        n = f"{q}.index{j}{tag}"
+    nodes.append(helper.make_node("Gather", [f"{q}.values", n], [out], name=f"{pre}/GatherValue{tag}", axis=0))
+    return nodes, inits
+
+
 def rewrite_quantizers(model: onnx.ModelProto, records: dict[str, QuantRecord], *, int4_block: int | None,
                  shared_modules: bool = False, profile: str = "ort", weight_storage: str = "int8") -> None:
     """Rebuild every quantizer's nodes in its final encoding, named after the quantizer.
@@ -358,6 +422,39 @@ def rewrite_quantizers(model: onnx.ModelProto, records: dict[str, QuantRecord], 
 
     def fail(msg: str) -> None:
         raise ExportError(f"unexpected graph while folding quantizers: {msg}")
+
+    # log2 quantizers: one placeholder node each (translation_table) -> float ops (log2_nodes)
+    for node in list(g.node):
+        if node.domain != LOG2_DOMAIN:
+            continue
+        tname = node.input[1] if len(node.input) > 1 else ""
+        qname = tname[: -len(".thresholds")] if tname.endswith(".thresholds") else None
+        rec = records.get(qname) if qname else None
+        if node.op_type != "Log2Quant" or rec is None or rec.encoding != "log2":
+            fail(f"{node.op_type} {node.name!r} does not belong to a log2 quantizer (tables {tname!r})")
+        k = uses_of[qname]
+        uses_of[qname] += 1
+        if qname in done and not shared_modules:
+            fail(f"quantizer {qname} appears twice (shared module?)")
+        done.add(qname)
+        tag = f".{k}" if k else ""
+        src = node.input[0]
+        if not k:
+            rec.onnx_input = src
+        if int4_block is not None:  # weight-only artifact: activations stay float
+            rename[node.output[0]] = src
+            at[id(node)] = []
+            continue
+        out = node.output[0] if node.output[0] in G.outputs else f"{qname}.dequantized{tag}"
+        rename[node.output[0]] = out
+        nodes, inits = log2_nodes(rec, src, out, tag)
+        if not k:
+            rec.onnx_input, rec.onnx_output = src, out
+            rec.onnx_extra = {"nodes": [n.name for n in nodes]}
+        else:
+            rec.onnx_extra["calls"] = k + 1
+        new_inits += inits
+        at[id(node)] = nodes
 
     for dq in list(g.node):
         if dq.op_type != "DequantizeLinear":
@@ -557,6 +654,10 @@ def rewrite_quantizers(model: onnx.ModelProto, records: dict[str, QuantRecord], 
         g.initializer.append(t)
         have.add(t.name)
     _remove_dead(model)
+    if any(n.domain == LOG2_DOMAIN for n in g.node):
+        fail("a log2 placeholder node is left in the graph")
+    for o in [o for o in model.opset_import if o.domain == LOG2_DOMAIN]:
+        model.opset_import.remove(o)
 
 
 def _remove_dead(model: onnx.ModelProto) -> None:
@@ -714,6 +815,12 @@ def _metadata(
         quant["weight_storage"] = "int4"
     if patch_embed == "float" or qcfg.get("patch_embed") == "float":
         quant["patch_embed"] = "float"
+    log2 = [n for n, r in records.items() if r.encoding == "log2"]
+    if log2 and int4_block is None:
+        # float parts of the graph: the log2 quantizers (comparisons + Gather) and the attention
+        # matmul (softmax @ v) they feed, which no runtime can fuse into an integer kernel
+        quant["softmax_quant"] = "log2"
+        quant["float_quantizers"] = log2
     if conversions:
         quant["converted"] = {"activations": sum(c.kind == "activation" for c in conversions),
                               "weights": sum(c.kind == "weight" for c in conversions)}
@@ -789,6 +896,9 @@ def _check_args(Q: nn.Module, profile: str, opset: int | None, int4_block: int |
     opset = DEFAULT_OPSET if opset is None else opset
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported; valid: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
+    reason = pure_qdq_refusal(Q, profile)
+    if reason:
+        raise ExportError(reason)
     bad = uninitialized_quantizers(Q)
     if bad:
         raise ExportError(

@@ -41,14 +41,34 @@ from typing import Any
 import torch
 from torch import nn
 
-from maskaq.quant import ActQuantizer, WeightQuantizer, qrange
+from maskaq.quant import ACTIVATION_QUANTIZERS, QuantError, ActQuantizer, Log2Quantizer, WeightQuantizer, qrange
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PROFILES", "Conversion", "convert_for_profile", "storage_dtype", "low_bit_storage", "INT8_RANGE",
-           "UINT8_RANGE"]
+__all__ = ["PROFILES", "PURE_QDQ_PROFILES", "Conversion", "convert_for_profile", "storage_dtype", "low_bit_storage",
+           "INT8_RANGE", "UINT8_RANGE", "float_quantizers", "pure_qdq_refusal"]
 
 PROFILES = ("ort", "tensorrt")
+#: Profiles whose graphs must be pure Q/DQ (every quantizer a QuantizeLinear/DequantizeLinear pair):
+#: they refuse quantizers that export as float ops (the log2 softmax quantizer).
+PURE_QDQ_PROFILES = ("tensorrt",)
+
+
+def float_quantizers(Q: nn.Module) -> list[str]:
+    """Names of Q's enabled quantizers that export as float ops instead of Q/DQ (log2)."""
+    return [n for n, m in Q.named_modules() if isinstance(m, Log2Quantizer) and m.enabled]
+
+
+def pure_qdq_refusal(Q: nn.Module, profile: str) -> str | None:
+    """The one-line reason ``profile`` cannot take Q, or None when it can."""
+    if profile not in PURE_QDQ_PROFILES:
+        return None
+    names = float_quantizers(Q)
+    if not names:
+        return None
+    return (f"profile {profile} needs pure Q/DQ, but {len(names)} attention-probability quantizers are log2 "
+            f"({names[0]}...; quant.softmax_quant=log2), which export as float ops; use --profile ort, "
+            "or calibrate with quant.softmax_quant=linear")
 INT8_RANGE = (-128, 127)
 UINT8_RANGE = (0, 255)
 
@@ -98,7 +118,7 @@ def _sync(M: nn.Module) -> None:
     """Refresh the activation quantizers' Python mirrors of their buffers (``signed``,
     initialised) after the buffers were written directly (state dicts, conversions)."""
     for m in M.modules():
-        if isinstance(m, ActQuantizer) and hasattr(m, "sync_flags"):
+        if isinstance(m, ACTIVATION_QUANTIZERS) and hasattr(m, "sync_flags"):
             m.sync_flags()
 
 
@@ -116,6 +136,9 @@ def convert_for_profile(Q: nn.Module, profile: str, *, copy_model: bool = True) 
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    reason = pure_qdq_refusal(Q, profile)
+    if reason:
+        raise QuantError(reason)
     M = copy.deepcopy(Q) if copy_model else Q
     _sync(M)
     changes: list[Conversion] = []

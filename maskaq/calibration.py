@@ -35,7 +35,7 @@ from torch import nn
 
 from .io import atomic_torch_save
 from .qmodel import quantizers, quantizers_disabled, record_attention
-from .quant import ActQuantizer
+from .quant import ACTIVATION_QUANTIZERS, ActQuantizer, Log2Quantizer
 
 log = logging.getLogger(__name__)
 
@@ -754,7 +754,7 @@ def _trainable(Q: nn.Module, scope: str = "all") -> list[nn.Parameter]:
 
 
 def _needs_init(Q: nn.Module) -> bool:
-    return any(isinstance(m, ActQuantizer) and m.enabled and not bool(m.initialized) for _, m in quantizers(Q))
+    return any(isinstance(m, ACTIVATION_QUANTIZERS) and m.enabled and not bool(m.initialized) for _, m in quantizers(Q))
 
 
 def _prefixes(records: list) -> list[int]:
@@ -1319,7 +1319,7 @@ def minmax_calibrate(Q: nn.Module, forward_loop: Callable[[nn.Module], Any] | to
     """
     if isinstance(forward_loop, torch.Tensor):
         forward_loop = TensorBatches(forward_loop, batch_size)
-    acts = [(n, m) for n, m in quantizers(Q) if isinstance(m, ActQuantizer)]
+    acts = [(n, m) for n, m in quantizers(Q) if isinstance(m, ACTIVATION_QUANTIZERS)]
     seen: dict[str, list[float]] = {}
 
     def hook_for(name: str) -> Callable:
@@ -1350,6 +1350,9 @@ def minmax_calibrate(Q: nn.Module, forward_loop: Callable[[nn.Module], Any] | to
         lo, hi = seen[name]
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise CalibError(f"minmax: quantizer {name} observed non-finite values")
+        if isinstance(m, Log2Quantizer):  # log2 (attention probabilities): s = the observed max
+            m.set_scale(hi if hi > 0 else 1.0)
+            continue
         lo, hi = min(lo, 0.0), max(hi, 0.0)
         signed = lo < 0
         with torch.no_grad():

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .io import atomic_write_json
-from .quant import ActQuantizer, QuantError, QuantizerSpec, WeightQuantizer
+from .quant import ActQuantizer, Log2Quantizer, QuantError, QuantizerSpec, WeightQuantizer, check_log2_bits
 
 __all__ = ["QuantParams", "read_params", "load_params", "quantizer_specs"]
 
@@ -32,7 +32,7 @@ def quantizer_specs(model: nn.Module) -> list[QuantizerSpec]:
             full = f"{name}.{cname}" if name else cname
             if isinstance(child, WeightQuantizer):
                 specs.append(child.spec(full, owner.weight))
-            elif isinstance(child, ActQuantizer):
+            elif isinstance(child, (ActQuantizer, Log2Quantizer)):
                 specs.append(child.spec(full))
     return specs
 
@@ -83,6 +83,8 @@ def read_params(model: nn.Module) -> QuantParams:
             "scale": _floats(s.scale), "zero_point": [int(v) for v in _floats(s.zero_point)],
             "enabled": s.enabled,
         }
+        if s.encoding != "linear":  # log2 attention probabilities; absent = linear (older files)
+            out[s.name]["encoding"] = s.encoding
     # weight clipping ratios (range search): recorded so that loading restores the same scales
     mods = dict(model.named_modules())
     for name, e in out.items():
@@ -108,6 +110,15 @@ def load_params(model: nn.Module, params: QuantParams, check_weights: bool = Tru
         m = mods[name]
         if m.kind != e["kind"]:
             raise QuantError(f"{name}: kind {e['kind']!r} in the file, {m.kind!r} in the model")
+        have, want = getattr(m, "encoding", "linear"), e.get("encoding", "linear")
+        if have != want:
+            raise QuantError(f"{name}: a {want} quantizer in the file, {have} in the model "
+                             "(quant.softmax_quant differs)")
+        if isinstance(m, Log2Quantizer):
+            m.bits = check_log2_bits(int(e["bits"]))
+            m.enabled = bool(e["enabled"])
+            m.set_scale(float(e["scale"][0]))
+            continue
         m.bits = int(e["bits"])
         m.enabled = bool(e["enabled"])
         if isinstance(m, ActQuantizer):

@@ -45,6 +45,7 @@ from .models import DataConfig, LoadedModel, ModelError, check_finite_weights, l
 from .params import QuantParams, read_params
 from .presets import Preset, PresetError, apply_overrides, get_preset
 from .qmodel import QuantConfig, prepare_model, quantize_model
+from .quant import SOFTMAX_QUANTS
 from .recipes import RECIPES, get_recipe, method_names
 from .synthesis import SynthConfig, SynthResult, synthesize
 
@@ -106,6 +107,10 @@ class RunConfig:
         labels: class names in output order (``--labels FILE``), replacing the model's own.
         weight_block, patch_embed: see :class:`maskaq.qmodel.QuantConfig` (weight-only flow:
             ``a_bits=16``, ``weight_block=32``).
+
+    ``overrides`` may also hold quantizer settings under ``quant.``: ``quant.softmax_quant``
+    (``linear`` (default) | ``log2``: the attention-probability quantizer, :class:`QuantConfig`;
+    log2 applies when ``a_bits < 8``, 8-bit activations keep the linear quantizer).
     """
 
     model: str
@@ -159,7 +164,8 @@ class RunConfig:
 
     def quant_config(self) -> QuantConfig:
         return QuantConfig(self.w_bits, self.a_bits, self.symmetric_activations, self.narrow_weights,
-                           self.keep_first_last_8bit, tuple(self.keep_8bit), self.weight_block, self.patch_embed)
+                           self.keep_first_last_8bit, tuple(self.keep_8bit), self.weight_block, self.patch_embed,
+                           **_quant_overrides(self.overrides))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -205,6 +211,29 @@ class Plan:
                 "synth_uses_q": self.synth_uses_q, "refresh": self.refresh, "ptq": self.ptq}
 
 
+#: ``--set`` keys that configure the quantizers (``quant.<field>`` of :class:`QuantConfig`); every
+#: other key goes to the budget preset (``num_images``, ``synth.*``, ``calib.*``).
+QUANT_OVERRIDES = ("softmax_quant",)
+
+
+def _quant_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"quant.softmax_quant": "log2", ...}`` -> ``{"softmax_quant": "log2"}`` (validated keys)."""
+    out: dict[str, Any] = {}
+    for key, value in dict(overrides or {}).items():
+        k = str(key).strip()
+        if not k.startswith("quant."):
+            continue
+        name = k[len("quant."):]
+        if name not in QUANT_OVERRIDES:
+            raise PipelineError(f"unknown override key {key!r}; valid quant settings: "
+                                f"{', '.join('quant.' + n for n in QUANT_OVERRIDES)}")
+        v = str(value).strip().lower()
+        if name == "softmax_quant" and v not in SOFTMAX_QUANTS:
+            raise PipelineError(f"override {key}={value!r} does not fit; valid: {', '.join(SOFTMAX_QUANTS)}")
+        out[name] = v
+    return out
+
+
 def resolve_plan(run_cfg: RunConfig) -> Plan:
     """Preset -> the method's recipe (settings, budget, per-model settings, ablations;
     :mod:`maskaq.recipes`) -> the user's overrides (last word).
@@ -217,7 +246,8 @@ def resolve_plan(run_cfg: RunConfig) -> Plan:
         preset = get_preset(run_cfg.preset)
         for o in recipe.overrides_for(preset.name, run_cfg.model, run_cfg.ablations):
             preset = apply_overrides(preset, o)
-        preset = apply_overrides(preset, run_cfg.overrides)
+        preset = apply_overrides(preset, {k: v for k, v in run_cfg.overrides.items()
+                                          if not str(k).strip().startswith("quant.")})
     except PresetError as e:
         raise PipelineError(str(e)) from None
     synth = preset.synth if recipe.data == "synth" else None
@@ -577,9 +607,9 @@ def _check_out_dir(out: Path, ck: Path, resume: bool, run_cfg: RunConfig) -> Non
 
 def _q_uncalibrated(Q: nn.Module) -> bool:
     """True while some enabled activation quantizer of Q has no range yet."""
-    from .quant import ActQuantizer
+    from .quant import ACTIVATION_QUANTIZERS
 
-    return any(isinstance(m, ActQuantizer) and m.enabled and not bool(m.initialized) for m in Q.modules())
+    return any(isinstance(m, ACTIVATION_QUANTIZERS) and m.enabled and not bool(m.initialized) for m in Q.modules())
 
 
 def run_pipeline(

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import ActQuantizer, QuantError, WeightQuantizer, check_bits
+from .quant import SOFTMAX_QUANTS, ActQuantizer, Log2Quantizer, QuantError, WeightQuantizer, check_bits
 
 __all__ = [
     "QuantConfig",
@@ -71,6 +71,11 @@ class QuantConfig:
             ORT ``MatMulNBits``); None: per output channel.
         patch_embed: ``"channel"``: the patch-embedding conv's weight per output channel (like
             every weight); ``"float"``: left in float (no quantizer).
+        softmax_quant: quantizer of the attention probabilities (the softmax output):
+            ``"linear"`` (default, the activation quantizer every other tensor has) or ``"log2"``
+            (:class:`maskaq.quant.Log2Quantizer`, SPDFQ's learning stage, method.md §7). log2
+            applies only when ``a_bits < 8``; at 8 bits (and a softmax quantizer kept at 8 bit by
+            ``keep_8bit``) the linear quantizer stays.
     """
 
     w_bits: int = 4
@@ -81,9 +86,12 @@ class QuantConfig:
     keep_8bit: tuple[str, ...] = ()
     weight_block: int | None = None
     patch_embed: str = "channel"
+    softmax_quant: str = "linear"
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits)
+        if self.softmax_quant not in SOFTMAX_QUANTS:
+            raise QuantError(f"softmax quantizer {self.softmax_quant!r} is not known; valid: {', '.join(SOFTMAX_QUANTS)}")
         if self.a_bits not in FLOAT_BITS:
             check_bits(self.a_bits)
         if self.patch_embed not in PATCH_EMBED_MODES:
@@ -114,6 +122,11 @@ class QuantConfig:
     def weight_only(self) -> bool:
         """Float activations: no activation quantizers."""
         return self.a_bits in FLOAT_BITS
+
+    @property
+    def log2_softmax(self) -> bool:
+        """True when the attention probabilities get the log2 quantizer (log2 and a_bits < 8)."""
+        return self.softmax_quant == "log2" and not self.weight_only and self.a_bits < 8
 
     @property
     def tag(self) -> str:
@@ -221,9 +234,12 @@ class MaskAQAttention(nn.Module):
         self.layer_name = ""
         self.train(orig.training)
 
-    def add_quantizers(self, a_bits: int, symmetric: bool) -> None:
+    def add_quantizers(self, a_bits: int, symmetric: bool, log2_softmax: bool = False) -> None:
         for n in _ATTN_QUANTIZERS:
-            setattr(self, n, ActQuantizer(a_bits, symmetric=symmetric))
+            if n == "softmax_quantizer" and log2_softmax:
+                setattr(self, n, Log2Quantizer(a_bits))
+            else:
+                setattr(self, n, ActQuantizer(a_bits, symmetric=symmetric))
 
     def _q(self, name: str, x: torch.Tensor) -> torch.Tensor:
         qz = getattr(self, name)
@@ -374,7 +390,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             raise QuantError("model is already quantized")
         if isinstance(m, MaskAQAttention):
             if not config.weight_only:
-                m.add_quantizers(config.a_bits, config.symmetric_activations)
+                m.add_quantizers(config.a_bits, config.symmetric_activations, config.log2_softmax)
         elif type(m) is nn.Linear:
             is_head = name in heads
             wb = first_last_bits if (is_head and first_last_bits) else config.w_bits
@@ -431,7 +447,7 @@ def _keep_8bit(q: nn.Module, config: QuantConfig) -> None:
 def quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, quantizer)`` for every quantizer in ``model``, in module order."""
     for n, m in model.named_modules():
-        if isinstance(m, (ActQuantizer, WeightQuantizer)):
+        if isinstance(m, (ActQuantizer, Log2Quantizer, WeightQuantizer)):
             yield n, m
 
 

@@ -42,6 +42,13 @@ __all__ = [
     "is_export_mode",
     "QuantizerSpec",
     "expand_blocks",
+    "Log2Quantizer",
+    "LOG2_BITS",
+    "check_log2_bits",
+    "log2_tables",
+    "log2_fake_quant",
+    "ACTIVATION_QUANTIZERS",
+    "SOFTMAX_QUANTS",
 ]
 
 
@@ -197,6 +204,7 @@ class QuantizerSpec:
     scale: torch.Tensor  # 1-D float32
     zero_point: torch.Tensor  # 1-D float32 holding integers
     enabled: bool
+    encoding: str = "linear"  # "linear" | "log2" (:class:`Log2Quantizer`)
 
 
 class _Quantizer(nn.Module):
@@ -418,3 +426,162 @@ class ActQuantizer(_Quantizer):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", per_tensor, symmetric={self.symmetric}"
+
+
+# --- log2 quantizer for post-softmax attention probabilities (SPDFQ, method.md §7) --------------
+
+#: ``quant.softmax_quant`` values: the quantizer of the attention probabilities (softmax output).
+SOFTMAX_QUANTS = ("linear", "log2")
+#: Bit widths of the log2 quantizer (at 8 bits the attention probabilities keep the linear one).
+LOG2_BITS = range(2, 8)
+
+
+def check_log2_bits(bits: int) -> int:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in LOG2_BITS:
+        raise QuantError(f"log2 quantizer bit width {bits!r} is not supported; valid bit widths are "
+                         f"{LOG2_BITS.start}..{LOG2_BITS.stop - 1} (8-bit attention probabilities use the linear quantizer)")
+    return bits
+
+
+def log2_tables(scale: float, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two float32 tables of a ``bits``-bit log2 quantizer with scale ``s``.
+
+    Code ``c = clamp(round(-log2(x / s)), 0, M)``, ``M = 2^b - 1``, value ``s * 2^-c`` for
+    ``c < M`` and exactly 0 for the top code ``M`` (tiny probabilities vanish). The rounding is
+    done by comparison with the geometric midpoints ``T_c = s * 2^-(c + 1/2)`` (``c = 0..M-1``),
+    each computed once in float64 from the float32 ``s`` and rounded to float32; the same tables
+    serve PyTorch and the ONNX graph, so both compute the same codes bit for bit.
+
+    Returns:
+        ``(thresholds, values)``: ``thresholds`` ``[M]`` ascending (``T_{M-1} ... T_0``);
+        ``values`` ``[M + 1]`` indexed by ``n = #{i: thresholds[i] <= x}`` (code ``M - n``):
+        ``values[0] = 0``, ``values[n] = s * 2^-(M - n)``. A value exactly on a threshold takes
+        the lower code (the larger value).
+    """
+    check_log2_bits(bits)
+    M = 2**bits - 1
+    s = float(torch.tensor(float(scale), dtype=torch.float32))
+    codes = torch.arange(M - 1, -1, -1, dtype=torch.float64)  # ascending thresholds: T_{M-1} .. T_0
+    thresholds = (s * torch.pow(2.0, -(codes + 0.5))).to(torch.float32)
+    n = torch.arange(M + 1, dtype=torch.float64)
+    values = (s * torch.pow(2.0, -(M - n))).to(torch.float32)
+    values[0] = 0.0
+    return thresholds, values
+
+
+def log2_fake_quant(x: torch.Tensor, thresholds: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Log2 fake quantization by table (no gradient; see :func:`log2_tables`): ``n`` = number of
+    thresholds ``<= x`` (exact float32 comparisons), output ``values[n]`` in ``x``'s dtype."""
+    n = torch.bucketize(x.float(), thresholds.to(device=x.device, dtype=torch.float32), right=True)
+    return values.to(x.device)[n].to(x.dtype)
+
+
+@torch.library.custom_op("maskaq::log2_quant", mutates_args=())
+def _log2_quant_op(x: torch.Tensor, thresholds: torch.Tensor, values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Same maths as :func:`log2_fake_quant`; the exporter maps it to float ONNX ops
+    (comparisons against ``thresholds`` by binary search, then a Gather from ``values``)."""
+    return log2_fake_quant(x, thresholds, values)
+
+
+@_log2_quant_op.register_fake
+def _(x, thresholds, values, bits):  # signature fixed by torch.library
+    return torch.empty_like(x)
+
+
+class Log2Quantizer(_Quantizer):
+    """Log2 quantizer of probabilities in ``[0, 1]`` (the post-softmax attention of SPDFQ's learning
+    stage, method.md §7), ``bits`` 2..7.
+
+    ``c = clamp(round(-log2(x / s)), 0, 2^b - 1)``; ``y = s * 2^-c``, the top code meaning exactly 0.
+    The scale ``s`` is a buffer (default 1.0, not trained), set by range initialisation
+    (:func:`maskaq.ranges.init_ranges`, :func:`maskaq.calibration.minmax_calibrate`) or, like the
+    linear quantizer's LSQ+ start, from the first batch it sees (``s = max(x)``). Rounding goes
+    through the threshold table of :func:`log2_tables` (exact, and exported as the same table).
+    Gradient: straight through (identity) for ``x <= s``, zero above (clamped to code 0).
+    The tables are derived from ``s`` and not saved in the state dict.
+    """
+
+    kind = "activation"
+    encoding = "log2"
+
+    def __init__(self, bits: int) -> None:
+        nn.Module.__init__(self)
+        self.bits = check_log2_bits(bits)
+        self.enabled = True
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        t, v = log2_tables(1.0, self.bits)
+        self.register_buffer("thresholds", t, persistent=False)
+        self.register_buffer("values", v, persistent=False)
+        self._ready = False
+
+    # the attributes other code reads off an activation quantizer
+    signed = False
+    symmetric = True
+    narrow = False
+
+    def grid(self) -> tuple[int, int]:
+        """Code range ``(0, 2^b - 1)``."""
+        return 0, 2**self.bits - 1
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003 - nn.Module hook
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        t, v = log2_tables(float(self.scale.reshape(-1)[0]), self.bits)
+        dev = self.scale.device
+        self.thresholds, self.values = t.to(dev), v.to(dev)
+        self.sync_flags()
+
+    def sync_flags(self) -> None:
+        self._ready = bool(self.initialized)
+
+    @torch.no_grad()
+    def set_scale(self, s: float) -> None:
+        """Set ``s`` (finite, > 0) and rebuild the tables; marks the quantizer initialised."""
+        s = float(s)
+        if not (math.isfinite(s) and s > 0):
+            raise QuantError(f"log2 quantizer scale must be finite and > 0, got {s!r}")
+        self.scale.fill_(s)
+        self.initialized.fill_(True)
+        self._refresh()
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """First-batch start: ``s = max(x)`` (1.0 if that is not a positive finite number)."""
+        m = float(x.detach().float().max()) if x.numel() else 1.0
+        self.set_scale(m if math.isfinite(m) and m > 0 else 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not self._ready:
+            if bool(self.initialized):
+                self._refresh()
+            else:
+                self.initialize(x)
+        if is_export_mode():
+            return torch.ops.maskaq.log2_quant(x, self.thresholds, self.values, self.bits)
+        q = log2_fake_quant(x.detach(), self.thresholds, self.values)
+        if not x.requires_grad:
+            return q
+        g = (x.detach() <= self.scale.to(x.dtype)).to(x.dtype)
+        return q + (x - x.detach()) * g  # value q exactly; gradient 1 for x <= s, 0 above
+
+    def effective(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.scale.detach().reshape(1)
+        return s, torch.zeros_like(s)
+
+    def spec(self, name: str) -> QuantizerSpec:
+        qmin, qmax = self.grid()
+        s = self.scale.detach().float().reshape(1)
+        return QuantizerSpec(name, "activation", self.bits, False, False, True, -1, qmin, qmax, s,
+                             torch.zeros_like(s), self.enabled, "log2")
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, enabled={self.enabled}, log2, scale={float(self.scale.reshape(-1)[0]):.6g}"
+
+
+#: Every activation quantizer type (linear LSQ+ and log2); ``isinstance(m, ACTIVATION_QUANTIZERS)``.
+ACTIVATION_QUANTIZERS = (ActQuantizer, Log2Quantizer)

@@ -35,11 +35,12 @@ import torch
 from torch import nn
 
 from .qmodel import quantizers, quantizers_disabled
-from .quant import ActQuantizer, QuantError, WeightQuantizer
+from .quant import ActQuantizer, Log2Quantizer, QuantError, WeightQuantizer, log2_fake_quant, log2_tables
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RANGE_INITS", "WEIGHT_CLIPS", "init_ranges", "search_range", "search_weight_clip", "quant_mse"]
+__all__ = ["RANGE_INITS", "WEIGHT_CLIPS", "init_ranges", "search_range", "search_weight_clip", "quant_mse",
+           "log2_mse", "search_log2_scale"]
 
 RANGE_INITS = ("mse", "percentile", "minmax", "lsq")
 WEIGHT_CLIPS = ("mse", "none")
@@ -108,6 +109,34 @@ def search_range(x: torch.Tensor, lo0: float, hi0: float, qmin: int, qmax: int, 
             if float(e[k]) < best:
                 best, a_lo = float(e[k]), float(g[k])
     return lo0 * a_lo, hi0 * a_hi, best
+
+
+def log2_mse(x: torch.Tensor, scale: float, bits: int) -> float:
+    """Mean squared error of the log2 quantizer (:class:`maskaq.quant.Log2Quantizer`) with scale
+    ``scale`` on the values ``x``, through the same tables the quantizer uses."""
+    t, v = log2_tables(scale, bits)
+    x = x.reshape(-1).float()
+    return float((log2_fake_quant(x, t, v) - x).pow(2).mean())
+
+
+#: Candidate scales of the log2 quantizer, as fractions of the observed max: one octave
+#: (halving s shifts every level by one code, so [0.5, 1] holds every distinct level set but the
+#: clipping of the top), in 64 geometric steps.
+_LOG2_GRID = torch.pow(2.0, -torch.arange(0, 65, dtype=torch.float64) / 64)
+
+
+def search_log2_scale(x: torch.Tensor, hi0: float, bits: int) -> tuple[float, float]:
+    """MSE-optimal scale of a log2 quantizer for the values ``x`` (observed max ``hi0``):
+    ``s = hi0 * 2^-(k/64)``, ``k = 0..64``. Returns ``(s, mse)``; ``s = hi0`` is a candidate."""
+    if not (math.isfinite(hi0) and hi0 > 0):
+        return 1.0, log2_mse(x, 1.0, bits)
+    best = (float(hi0), math.inf)
+    for g in _LOG2_GRID.tolist():
+        s = float(hi0) * g
+        e = log2_mse(x, s, bits)
+        if e < best[1]:
+            best = (s, e)
+    return best
 
 
 def search_weight_clip(w: torch.Tensor, bits: int, narrow: bool = False, axis: int = 0,
@@ -228,7 +257,7 @@ def init_ranges(
                                            "min_clip": round(float(r.min()), 4)}
             else:
                 m.set_clip(None)
-    acts = [(n, m) for n, m in qs if isinstance(m, ActQuantizer) and m.enabled]
+    acts = [(n, m) for n, m in qs if isinstance(m, (ActQuantizer, Log2Quantizer)) and m.enabled]
     if method == "lsq":  # the paper's one-batch LSQ+ init happens in calibrate(), on the first batch
         acts = []
     if not acts and not blocked:
@@ -289,6 +318,21 @@ def init_ranges(
         if not (math.isfinite(lo0) and math.isfinite(hi0)):
             raise QuantError(f"range init: quantizer {name} observed non-finite values")
         x = torch.cat(st["values"] + [torch.tensor([lo0, hi0])])
+        if isinstance(m, Log2Quantizer):  # attention probabilities: one scale, s = max or searched
+            if method == "mse":
+                s_log, mse = search_log2_scale(x, hi0, m.bits)
+            elif method == "minmax":
+                s_log = hi0 if hi0 > 0 else 1.0
+                mse = log2_mse(x, s_log, m.bits)
+            else:  # percentile of the values
+                s_log = float(torch.quantile(x.double(), float(percentile) / 100.0))
+                s_log = s_log if s_log > 0 else (hi0 if hi0 > 0 else 1.0)
+                mse = log2_mse(x, s_log, m.bits)
+            m.set_scale(s_log)
+            report["activations"][name] = {"observed": [lo0, hi0], "encoding": "log2", "scale": float(m.scale[0]),
+                                           "mse": mse, "mse_minmax": log2_mse(x, hi0 if hi0 > 0 else 1.0, m.bits),
+                                           "batches": st["n"]}
+            continue
         signed = lo0 < 0
         m.is_signed.fill_(signed)
         m.sync_flags()

@@ -62,7 +62,7 @@ from . import losses as L
 from .io import atomic_torch_save
 from .recipes import OBJECTIVES, TERMS
 from .qmodel import MaskAQAttention, attention_modules, record_attention
-from .quant import ActQuantizer
+from .quant import ACTIVATION_QUANTIZERS, ActQuantizer
 
 log = logging.getLogger(__name__)
 
@@ -651,7 +651,7 @@ def _quantizer_snapshot(Q: nn.Module | None) -> list[tuple[ActQuantizer, dict[st
     state. None when all are initialised (nothing to restore)."""
     if Q is None:
         return None
-    qs = [m for m in Q.modules() if isinstance(m, ActQuantizer)]
+    qs = [m for m in Q.modules() if isinstance(m, ACTIVATION_QUANTIZERS)]
     if all(bool(m.initialized) for m in qs):
         return None
     return [(m, {k: v.detach().clone() for k, v in m.state_dict().items()}) for m in qs]
