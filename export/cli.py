@@ -164,7 +164,9 @@ def _given(ctx: click.Context, name: str) -> bool:
 @click.option("--preset", type=click.Choice(PRESETS), default="cpu", show_default=True,
               help="Budget: cpu (minutes on a laptop), paper (the paper's), tiny (tests).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override one setting, e.g. synth.steps=200, calib.epochs=5, num_images=512 (repeatable).")
+              help="Override one setting, e.g. synth.steps=200, calib.epochs=5, num_images=512 (repeatable); "
+                   "quant.softmax_quant=log2: log2 quantizer for the attention probabilities (activations < 8 bit; "
+                   "8-bit keeps the linear one; exports as float ops, profile ort only).")
 @click.option("--checkpoint", default=None, metavar="PATH", help="Local weights (.pth/.pt/.safetensors) for MODEL.")
 @click.option("--calib-data", default=None, metavar="DIR", help="Folder of images for --method real.")
 @click.option("--profile", type=click.Choice(["ort", "tensorrt"]), default="ort", show_default=True,
@@ -342,6 +344,9 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
                            random_weights=random_weights, model_args=model_args, keep_8bit=tuple(keep_8bit),
                            preprocessing=preprocessing, labels=labels,
                            weight_block=block if weight_only else None, patch_embed=patch_embed)
+            if trt and rc.quant_config().log2_softmax:  # refuse before any work is done
+                _fail("profile tensorrt needs pure Q/DQ, but quant.softmax_quant=log2 quantizes the attention "
+                      "probabilities with float ops; use --profile ort, or quant.softmax_quant=linear")
             run_path = Path(run_dir) if run_dir else paths["run"]
             if run_dir and not run_path.parent.is_dir():
                 _fail(f"run directory parent {str(run_path.parent)!r} does not exist")
@@ -367,8 +372,11 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
                                   "state": str(state_path), "samples_png": str(res.samples_png),
                                   "losses": res.report.get("losses")}
 
-        from .profiles import low_bit_storage
+        from .profiles import low_bit_storage, pure_qdq_refusal
 
+        refusal = None if weight_only_int4 else pure_qdq_refusal(Q, profile)
+        if refusal:
+            _fail(refusal)
         low_bit = None if weight_only_int4 else low_bit_storage(Q, profile)
         if low_bit is not None:
             _warn(f"--profile tensorrt writes the {'/'.join(map(str, sorted(set(low_bit['weight_bits'] + low_bit['activation_bits']))))}"

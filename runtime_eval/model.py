@@ -95,6 +95,9 @@ class ModelInfo:
     preprocessing: dict[str, Any] | None = None
     seed: str | None = None
     sub8bit_reasons: list[str] = field(default_factory=list)
+    #: parts of the graph that are quantized but computed with float ops (no Q/DQ, no integer
+    #: kernel in any mode): one line each (:func:`float_parts`)
+    float_parts: list[str] = field(default_factory=list)
 
     @property
     def is_quantized(self) -> bool:
@@ -136,6 +139,7 @@ class ModelInfo:
             "seed": self.seed,
             "qdq": self.census,
             "sub8bit": self.sub8bit_reasons,
+            "float_parts": self.float_parts,
         }
 
 
@@ -225,7 +229,30 @@ def load_model_info(path: str | Path) -> tuple[ModelInfo, onnx.ModelProto]:
     ):
         raise EvalError(f"{p}: metadata 'maskaq.labels' must be a JSON list of strings")
     info.sub8bit_reasons = sub8bit_reasons(model, info.quant, dtypes)
+    info.float_parts = float_parts(model, info.quant)
     return info, model
+
+
+def float_parts(model: onnx.ModelProto, quant: dict[str, Any] | None) -> list[str]:
+    """Quantized parts of the graph that run in float in every mode: the log2 attention-probability
+    quantizers (``maskaq.quant.float_quantizers``; in the graph: ``<quantizer>/Log2/...`` Less /
+    Where / Gather nodes) and the MatMuls they feed (``softmax @ v``: one operand is not a
+    DequantizeLinear output, so no runtime fuses it into an integer kernel)."""
+    names = list((quant or {}).get("float_quantizers") or [])
+    g = model.graph
+    finals = [n for n in g.node if n.op_type == "Gather" and "/Log2/GatherValue" in n.name]
+    if not names:
+        names = sorted({n.name.split("/Log2/")[0] for n in finals})
+    if not names and not finals:
+        return []
+    outs = {o for n in finals for o in n.output}
+    mm = sum(1 for n in g.node if n.op_type == "MatMul" and any(i in outs for i in n.input))
+    first = names[0] if names else "?"
+    out = [f"{len(names)} log2 attention-probability quantizers ({first}{', ...' if len(names) > 1 else ''}) "
+           "computed as float ops (Less/Where/Gather on a threshold table, exact in every mode)"]
+    if mm:
+        out.append(f"{mm} attention MatMuls (softmax @ v) fed by them run in float (no integer kernel)")
+    return out
 
 
 # ----------------------------------------------------------------------------- census

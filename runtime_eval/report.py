@@ -134,6 +134,8 @@ def summary(report: dict[str, Any], path: str | Path | None = None) -> str:
             else "fp32"
         )
         lines.append(f"source    {m.get('tag') or '?'} ({m.get('weights') or '?'})  quant {qs}")
+    for part in m.get("float_parts") or []:
+        lines.append(f"float     {part}")
     sub = d.get("subset")
     lines.append(
         f"dataset   {d['name']} ({d['layout']})  {d['images']} images"
