@@ -150,3 +150,95 @@ def test_export_mode_bit_identical_to_training_path():
     with export_mode():
         exp = (aq(x), wq(w))
     assert torch.equal(train[0], exp[0]) and torch.equal(train[1], exp[1])
+
+
+# --- log2 quantizer (attention probabilities, quant.softmax_quant=log2) -----------------------
+
+def _log2_ref(x: torch.Tensor, s: float, bits: int) -> torch.Tensor:
+    """The definition in float64: c = clamp(round(-log2(x / s)), 0, 2^b - 1); top code -> 0."""
+    M = 2**bits - 1
+    c = torch.clamp(torch.round(-torch.log2(x.double() / s)), 0, M)
+    return torch.where(c == M, torch.zeros_like(c), s * torch.pow(2.0, -c)).float()
+
+
+def test_log2_hand_values_and_thresholds():
+    from maskaq.quant import Log2Quantizer, log2_tables
+
+    q = Log2Quantizer(3)
+    q.set_scale(1.0)
+    t, v = log2_tables(1.0, 3)
+    assert t.dtype == v.dtype == torch.float32 and t.shape == (7,) and v.shape == (8,)
+    assert torch.equal(v, torch.tensor([0.0] + [2.0**-k for k in range(6, -1, -1)]))
+    assert torch.all(t[1:] > t[:-1])  # ascending geometric midpoints s * 2^-(c + 1/2)
+    assert torch.equal(t, torch.tensor([2.0 ** -(c + 0.5) for c in range(6, -1, -1)], dtype=torch.float32))
+    x = torch.tensor([0.0, 1.0, 0.5, 2.0, 2.0**-6, 2.0**-7, 1e-9, -0.0])
+    # 0 -> 0, 1 -> s, 0.5 -> code 1, above s -> s (code 0), lowest nonzero level 2^-6, top code 7 -> 0
+    assert q(x).tolist() == [0.0, 1.0, 0.5, 1.0, 2.0**-6, 0.0, 0.0, 0.0]
+    # exactly on a threshold: the lower code (larger value); one float32 step below: the next code
+    for c in range(7):
+        tc = t[6 - c]
+        below = torch.nextafter(tc, torch.tensor(0.0))
+        assert q(tc.reshape(1)).item() == v[7 - c].item() == (2.0**-c if c < 7 else 0.0)
+        assert q(below.reshape(1)).item() == (2.0 ** -(c + 1) if c + 1 < 7 else 0.0)
+    # against the float64 definition, scale 0.8, on values away from the midpoints
+    q4 = Log2Quantizer(4)
+    q4.set_scale(0.8)
+    r = torch.rand(20000, generator=torch.Generator().manual_seed(0)) ** 6
+    assert torch.equal(q4(r), _log2_ref(r, float(torch.tensor(0.8)), 4))
+
+
+@pytest.mark.parametrize("bad", [1, 8, 0, 16, "4", 4.0, True])
+def test_log2_bad_bits_rejected(bad):
+    from maskaq.quant import Log2Quantizer
+
+    with pytest.raises(QuantError, match=r"log2 .*2\.\.7"):
+        Log2Quantizer(bad)
+
+
+def test_log2_ste_scale_state_and_export_mode():
+    from maskaq.quant import Log2Quantizer
+
+    q = Log2Quantizer(4)
+    with pytest.raises(QuantError, match="finite and > 0"):
+        q.set_scale(0.0)
+    x = torch.tensor([0.0, 0.01, 0.3, 0.5, 0.9], requires_grad=True)
+    y = q(x)  # first batch: s = max(x)
+    assert q.scale.item() == pytest.approx(0.9) and bool(q.initialized)
+    (y * torch.arange(1.0, 6.0)).sum().backward()
+    assert x.grad.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]  # straight through for x <= s
+    x2 = torch.tensor([0.2, 1.5], requires_grad=True)
+    q(x2).sum().backward()
+    assert x2.grad.tolist() == [1.0, 0.0]  # clamped above s: no gradient
+    assert not list(q.parameters())  # the scale is a buffer, not trained
+    # state dict: the scale (and initialised flag) round-trip, the tables are rebuilt from it
+    q2 = Log2Quantizer(4)
+    q2.load_state_dict(q.state_dict())
+    assert set(q.state_dict()) == {"scale", "initialized"}
+    r = torch.rand(1000, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(q2(r), q(r)) and torch.equal(q2.thresholds, q.thresholds)
+    with export_mode():
+        assert torch.equal(q(r), q2(r))
+    q.enabled = False
+    assert q(r) is r
+
+
+def test_log2_config_switch_and_default_unchanged():
+    import timm
+
+    from maskaq.qmodel import QuantConfig, quantize_model
+    from maskaq.quant import Log2Quantizer
+
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
+                          depth=1, num_heads=3, num_classes=10).eval()
+    assert QuantConfig().softmax_quant == "linear"
+    kinds = lambda Q: {n: type(q).__name__ for n, q in Q.named_modules() if n.endswith("softmax_quantizer")}  # noqa: E731
+    assert kinds(quantize_model(m, QuantConfig.parse("4w4a"))) == {"blocks.0.attn.softmax_quantizer": "ActQuantizer"}
+    Q = quantize_model(m, QuantConfig.parse("4w4a", softmax_quant="log2"))
+    assert kinds(Q) == {"blocks.0.attn.softmax_quantizer": "Log2Quantizer"}
+    assert sum(isinstance(q, Log2Quantizer) for q in Q.modules()) == 1  # only the softmax output
+    # 8-bit activations, or the softmax quantizer kept at 8 bit: the linear quantizer stays
+    assert kinds(quantize_model(m, QuantConfig.parse("4w8a", softmax_quant="log2")))["blocks.0.attn.softmax_quantizer"] == "ActQuantizer"
+    Qk = quantize_model(m, QuantConfig.parse("4w4a", softmax_quant="log2", keep_8bit=("*.softmax_quantizer",)))
+    assert kinds(Qk)["blocks.0.attn.softmax_quantizer"] == "ActQuantizer"
+    with pytest.raises(QuantError, match="softmax quantizer 'exp' is not known"):
+        QuantConfig(softmax_quant="exp")

@@ -222,3 +222,67 @@ def test_guard_without_keep_best_reports_but_keeps_final():
 def test_calib_config_rejects_bad_new_settings(key, value):
     with pytest.raises(CalibError, match=f"calib.{key}="):
         CalibConfig(**{key: value})
+
+
+# --- log2 softmax quantizer (quant.softmax_quant=log2): range init in the same pass -------------
+
+def test_log2_softmax_scale_set_by_range_init_and_minmax():
+    from maskaq.calibration import TensorBatches, minmax_calibrate
+    from maskaq.qmodel import record_attention
+    from maskaq.quant import Log2Quantizer
+    from maskaq.ranges import log2_mse
+
+    P, _, _ = _tiny()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), record_attention(P, what=("probs",)) as recs:
+        P(x)
+    pmax = [float(r.probs.max()) for r in recs]
+    names = ["blocks.0.attn.softmax_quantizer", "blocks.1.attn.softmax_quantizer"]
+    for method in ("minmax", "mse", "percentile"):
+        Q = quantize_model(P, QuantConfig.parse("4w4a", softmax_quant="log2"))
+        rep = init_ranges(Q, TensorBatches(x, 4), method=method)
+        for name, hi in zip(names, pmax):
+            m = Q.get_submodule(name)
+            assert isinstance(m, Log2Quantizer) and bool(m.initialized)
+            e = rep["activations"][name]
+            assert e["encoding"] == "log2" and e["observed"][1] == pytest.approx(hi)
+            s = float(m.scale)
+            if method == "minmax":
+                assert s == pytest.approx(hi)
+            elif method == "mse":  # one octave below the max, never worse than s = max
+                assert hi / 2 - 1e-7 <= s <= hi + 1e-7 and e["mse"] <= e["mse_minmax"]
+            else:
+                assert 0 < s <= hi + 1e-7
+        # every linear activation quantizer got its range in the same pass
+        assert all(bool(q.initialized) for _, q in quantizers(Q) if isinstance(q, ActQuantizer))
+    Q = quantize_model(P, QuantConfig.parse("4w4a", softmax_quant="log2"))
+    minmax_calibrate(Q, x)
+    assert [float(Q.get_submodule(n).scale) for n in names] == pytest.approx(pmax)
+    # lsq: the first batch initialises it (s = its max), like the linear quantizers' LSQ+ start
+    Q = quantize_model(P, QuantConfig.parse("4w4a", softmax_quant="log2"))
+    init_ranges(Q, TensorBatches(x, 4), method="lsq")
+    assert not bool(Q.get_submodule(names[0]).initialized)
+    with torch.no_grad():
+        Q(x)
+    assert bool(Q.get_submodule(names[0]).initialized)
+    assert log2_mse(torch.tensor([0.0, 1.0, 0.5]), 1.0, 4) == 0.0
+
+
+def test_log2_params_roundtrip():
+    from maskaq.quant import QuantError
+
+    P, _, _ = _tiny()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    Q = quantize_model(P, QuantConfig.parse("4w4a", softmax_quant="log2"))
+    with torch.no_grad():
+        ref = Q(x)
+    params = read_params(Q)
+    e = params.entries["blocks.0.attn.softmax_quantizer"]
+    assert e["encoding"] == "log2" and e["bits"] == 4 and (e["qmin"], e["qmax"]) == (0, 15)
+    assert "encoding" not in params.entries["blocks.0.attn.v_quantizer"]  # linear entries unchanged
+    Q2 = quantize_model(P, QuantConfig.parse("4w4a", softmax_quant="log2"))
+    load_params(Q2, params)
+    with torch.no_grad():
+        assert torch.equal(Q2(x), ref)
+    with pytest.raises(QuantError, match="log2 quantizer in the file, linear in the model"):
+        load_params(quantize_model(P, QuantConfig.parse("4w4a")), params)
