@@ -245,3 +245,32 @@ def test_run_config_quant_keys():
     assert RunConfig(model="fmnist_vit", a_bits=8, overrides={"quant.softmax_quant": "log2"}).quant_config().log2_softmax is False
     with pytest.raises(PipelineError, match="valid: linear, log2"):
         RunConfig(model="fmnist_vit", overrides={"quant.softmax_quant": "exp"})
+
+
+def test_maskaq_eval_deploy_report_says_what_runs_in_float(tmp_path):
+    """maskaq-eval on a log2 file in deploy mode: the report's model section and the summary name
+    the float parts (the log2 quantizers and the softmax @ v MatMuls they feed)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime_eval"))
+    import rteval_helpers as H
+
+    from maskaq.qmodel import QuantConfig, quantize_model
+    from runtime_eval import evaluate
+    from runtime_eval.report import summary
+
+    torch.manual_seed(0)
+    lm = load_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1, embed_dim=48,
+                    depth=1, num_heads=3, num_classes=10)
+    Q = quantize_model(lm.model, QuantConfig.parse("4w4a", softmax_quant="log2"))
+    with torch.no_grad():
+        Q(torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1)))
+    path = tmp_path / "fm_log2.onnx"
+    export_onnx(Q, path, data_config=lm.data_config, labels=[f"c{i}" for i in range(10)], source=lm.source)
+    root, _ = H.fashion_fixture(tmp_path / "fm", n=6)
+    for mode in ("deploy", "reference"):
+        rep = evaluate(path, "fashion-mnist", root, providers=["cpu"], mode=mode, batch_size=4)
+        parts = rep["model"]["float_parts"]
+        assert len(parts) == 2 and "log2 attention-probability quantizers" in parts[0] and "softmax @ v" in parts[1]
+        assert f"float     {parts[0]}" in summary(rep).splitlines()
