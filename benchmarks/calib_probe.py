@@ -10,6 +10,7 @@ One JSON line per run on stdout (append it to a records file to keep it).
         stage=blockwise+distill patience=3
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/calib_probe.py fmnist_dinov2 4w4a --val 300 stage=blockwise
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/calib_probe.py fmnist_vit 3w3a --val 2000 --start-only weight_init=gptq
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/calib_probe.py fmnist_vit 4w4a --val 2000 --start-only --softmax-quant log2
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--start-only", action="store_true")
+    ap.add_argument("--softmax-quant", choices=("linear", "log2"), default="linear",
+                    help="quantizer of the attention probabilities (quant.softmax_quant)")
     args = ap.parse_args(argv)
     from maskaq.calibration import CalibConfig, _initial_ranges, calibrate
     from maskaq.models import load_model
@@ -65,12 +68,13 @@ def main(argv: list[str] | None = None) -> int:
                                for i in range(0, len(yv), 100))) / len(yv)
 
     torch.manual_seed(args.seed)
-    Q = quantize_model(P, QuantConfig.parse(args.bits))
+    Q = quantize_model(P, QuantConfig.parse(args.bits, softmax_quant=args.softmax_quant))
     base = dict(epochs=16, batch_size=16, warmup_gate_epochs=0, refresh_every=0, holdout=0.125, keep_best=True,
                 init="mse", weight_clip="mse")
     cfg = CalibConfig(**{**base, **extra})
     t0 = time.time()
     rec: dict[str, object] = {"model": args.model, "bits": args.bits, "overrides": extra, "val_images": len(yv),
+                              "softmax_quant": args.softmax_quant,
                               "start_only": args.start_only}
     if args.start_only:
         r = _initial_ranges(Q, real, cfg, args.seed, torch.device("cpu"))

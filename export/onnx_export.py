@@ -896,7 +896,7 @@ def _check_args(Q: nn.Module, profile: str, opset: int | None, int4_block: int |
     opset = DEFAULT_OPSET if opset is None else opset
     if opset not in SUPPORTED_OPSETS:
         raise ExportError(f"opset {opset} is not supported; valid: {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}")
-    reason = pure_qdq_refusal(Q, profile)
+    reason = pure_qdq_refusal(Q, profile) if int4_block is None else None  # INT4 artifact: float activations
     if reason:
         raise ExportError(reason)
     bad = uninitialized_quantizers(Q)

@@ -154,9 +154,13 @@ def analyse_quantizers(Q: nn.Module, images: torch.Tensor, *, batch_size: int = 
                 "qdq_sqnr_db": _db(own_sig[n], own_err[n]),
                 "kl": float(torch.cat(kls).mean()),
                 "top1_agreement": float(torch.cat(agr).mean()),
-                "onnx": {"scale": f"{n}.scale", "zero_point": f"{n}.zero_point"}
-                        | ({"qweight": f"{n}.qweight", "weight": f"{owner}.weight"} if m.kind == "weight" else {}),
+                "onnx": ({"thresholds": f"{n}.thresholds", "values": f"{n}.values"}  # log2: float ops on tables
+                         if getattr(m, "encoding", "linear") == "log2" else
+                         {"scale": f"{n}.scale", "zero_point": f"{n}.zero_point"}
+                         | ({"qweight": f"{n}.qweight", "weight": f"{owner}.weight"} if m.kind == "weight" else {})),
             })
+            if getattr(m, "encoding", "linear") == "log2":
+                rows[-1]["encoding"] = "log2"
     finally:
         for h in handles:
             h.remove()
