@@ -380,7 +380,7 @@ def features(model: torch.nn.Module, data_config, images: torch.Tensor, cache: P
 def fit_head(x: torch.Tensor, y: torch.Tensor, wd: float, num_classes: int = 10,
              max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression ``CE + wd/2 * ||W||^2`` (bias not decayed), L-BFGS, float64."""
-    x64, n, d = x.double(), x.shape[0], x.shape[1]
+    x64, d = x.double(), x.shape[1]
     w = torch.zeros(num_classes, d, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20,

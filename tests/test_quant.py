@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -41,7 +40,6 @@ def test_fake_quant_hand_values():
 
 
 def _ort_qdq(x: np.ndarray, scale: float, zp: int, dtype: int) -> np.ndarray:
-    npdt = np.uint8 if dtype == TensorProto.UINT8 else np.int8
     g = helper.make_graph(
         [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
          helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
