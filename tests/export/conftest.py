@@ -17,7 +17,7 @@ if _root not in sys.path:
     sys.path.insert(0, _root)
 
 from export import export_onnx  # noqa: E402
-from maskaq.models import load_model  # noqa: E402
+from maskaq.models import load_model, save_checkpoint  # noqa: E402
 from maskaq.qmodel import QuantConfig, quantize_model  # noqa: E402
 
 TINY = {
@@ -83,6 +83,19 @@ def run(sess, x: torch.Tensor, names=None) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="session")
 def outdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A self-describing checkpoint of a 1-block ViT on 32x32 (fast enough for the tiny preset), for
+    the command-line tests."""
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=10)
+    lm = load_model("vit_tiny_patch16_224", pretrained=False, **args)
+    p = d / "tiny.maskaq.pt"
+    save_checkpoint(p, lm.model, "vit_tiny_patch16_224", args, lm.data_config, labels=[f"c{i}" for i in range(10)])
+    return p
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ import torch
 from click.testing import CliRunner
 
 from export.cli import main
-from maskaq.models import load_model, save_checkpoint
 
 
 def invoke(*args: str):
@@ -29,18 +28,6 @@ def test_help_has_examples():
     assert r.exit_code == 0
     for needle in ("Examples:", "--from-state", "--profile tensorrt", "--weight-only-int4", "fmnist_vit --bits 4"):
         assert needle in r.output
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """A self-describing checkpoint of a 1-block ViT on 32x32 (fast enough for the tiny preset)."""
-    d = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    args = dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=10)
-    lm = load_model("vit_tiny_patch16_224", pretrained=False, **args)
-    p = d / "tiny.maskaq.pt"
-    save_checkpoint(p, lm.model, "vit_tiny_patch16_224", args, lm.data_config, labels=[f"c{i}" for i in range(10)])
-    return p
 
 
 BAD = [

@@ -19,7 +19,7 @@ from export.cli import main
 from export.freeze import QuantRecord
 from export.onnx_export import LOG2_DOMAIN, ExportError, log2_nodes
 from export.profiles import convert_for_profile
-from maskaq.models import load_model, save_checkpoint
+from maskaq.models import load_model
 from maskaq.quant import ActQuantizer, Log2Quantizer, QuantError, log2_fake_quant, log2_tables
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -182,17 +182,6 @@ def test_default_is_linear(vit):
 
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt_log2")
-    torch.manual_seed(0)
-    args = dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=10)
-    lm = load_model("vit_tiny_patch16_224", pretrained=False, **args)
-    p = d / "tiny.maskaq.pt"
-    save_checkpoint(p, lm.model, "vit_tiny_patch16_224", args, lm.data_config, labels=[f"c{i}" for i in range(10)])
-    return p
 
 
 FAST = ("--preset", "tiny", "--set", "num_images=4", "--set", "synth.steps=1", "--set", "calib.epochs=1")
