@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .io import atomic_write_json
-from .quant import ActQuantizer, Log2Quantizer, QuantError, QuantizerSpec, WeightQuantizer, check_log2_bits
+from .quant import ACTIVATION_QUANTIZERS, ActQuantizer, Log2Quantizer, QuantError, QuantizerSpec, WeightQuantizer, check_log2_bits
 
 __all__ = ["QuantParams", "read_params", "load_params", "quantizer_specs"]
 
@@ -32,7 +32,7 @@ def quantizer_specs(model: nn.Module) -> list[QuantizerSpec]:
             full = f"{name}.{cname}" if name else cname
             if isinstance(child, WeightQuantizer):
                 specs.append(child.spec(full, owner.weight))
-            elif isinstance(child, (ActQuantizer, Log2Quantizer)):
+            elif isinstance(child, ACTIVATION_QUANTIZERS):
                 specs.append(child.spec(full))
     return specs
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import SOFTMAX_QUANTS, ActQuantizer, Log2Quantizer, QuantError, WeightQuantizer, check_bits
+from .quant import ACTIVATION_QUANTIZERS, SOFTMAX_QUANTS, ActQuantizer, Log2Quantizer, QuantError, WeightQuantizer, check_bits
 
 __all__ = [
     "QuantConfig",
@@ -447,7 +447,7 @@ def _keep_8bit(q: nn.Module, config: QuantConfig) -> None:
 def quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, quantizer)`` for every quantizer in ``model``, in module order."""
     for n, m in model.named_modules():
-        if isinstance(m, (ActQuantizer, Log2Quantizer, WeightQuantizer)):
+        if isinstance(m, (*ACTIVATION_QUANTIZERS, WeightQuantizer)):
             yield n, m
 
 

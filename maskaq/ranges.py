@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .qmodel import quantizers, quantizers_disabled
-from .quant import ActQuantizer, Log2Quantizer, QuantError, WeightQuantizer, log2_fake_quant, log2_tables
+from .quant import ACTIVATION_QUANTIZERS, Log2Quantizer, QuantError, WeightQuantizer, log2_fake_quant, log2_tables
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def init_ranges(
                                            "min_clip": round(float(r.min()), 4)}
             else:
                 m.set_clip(None)
-    acts = [(n, m) for n, m in qs if isinstance(m, (ActQuantizer, Log2Quantizer)) and m.enabled]
+    acts = [(n, m) for n, m in qs if isinstance(m, ACTIVATION_QUANTIZERS) and m.enabled]
     if method == "lsq":  # the paper's one-batch LSQ+ init happens in calibrate(), on the first batch
         acts = []
     if not acts and not blocked:

@@ -145,6 +145,7 @@ def analyse_quantizers(Q: nn.Module, images: torch.Tensor, *, batch_size: int = 
                 bar.update(1)
             m.enabled = False
             owner = n.rpartition(".")[0]
+            log2 = getattr(m, "encoding", "linear") == "log2"
             rows.append({
                 "quantizer": n,
                 "layer": owner,
@@ -155,11 +156,11 @@ def analyse_quantizers(Q: nn.Module, images: torch.Tensor, *, batch_size: int = 
                 "kl": float(torch.cat(kls).mean()),
                 "top1_agreement": float(torch.cat(agr).mean()),
                 "onnx": ({"thresholds": f"{n}.thresholds", "values": f"{n}.values"}  # log2: float ops on tables
-                         if getattr(m, "encoding", "linear") == "log2" else
+                         if log2 else
                          {"scale": f"{n}.scale", "zero_point": f"{n}.zero_point"}
                          | ({"qweight": f"{n}.qweight", "weight": f"{owner}.weight"} if m.kind == "weight" else {})),
             })
-            if getattr(m, "encoding", "linear") == "log2":
+            if log2:
                 rows[-1]["encoding"] = "log2"
     finally:
         for h in handles:
