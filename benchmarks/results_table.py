@@ -46,9 +46,13 @@ MAIN_METHODS = ["real", "noise", "psaq", "psaq_maskaq_settings", "mimiq", "spdfq
 MAIN_SETTINGS = ["4w4a", "3w3a", "4w8a"]
 ABLATIONS = ["no_de", "no_maa", "no_calib_mask", "no_refresh"]
 ABLATION_SETTING = "3w3a"
+#: Other recipes' variants (arm name, method, ablations): every main setting. ``spdfq-own_stage``
+#: is SPDFQ through its own learning stage (block-wise reconstruction + log2 softmax quantizer).
+VARIANTS = [("spdfq-own_stage", "spdfq", ("own_stage",))]
 LABELS = {**{n: r.title for n, r in RECIPES.items()}, "real": "Real data (upper bound)",
           "maskaq-no_de": "MaskAQ w/o L_DE", "maskaq-no_maa": "MaskAQ w/o L_MAA",
-          "maskaq-no_calib_mask": "MaskAQ w/o calibration mask", "maskaq-no_refresh": "MaskAQ w/o refresh"}
+          "maskaq-no_calib_mask": "MaskAQ w/o calibration mask", "maskaq-no_refresh": "MaskAQ w/o refresh",
+          "spdfq-own_stage": "SPDFQ, its own stage (block-wise + log2)"}
 assert all(m in RECIPES for m in MAIN_METHODS), "MAIN_METHODS names a method maskaq.recipes does not have"
 
 
@@ -65,6 +69,8 @@ def arms(only: list[str] | None, settings: list[str] | None) -> list[tuple[str, 
     for s in MAIN_SETTINGS:
         for m in MAIN_METHODS:
             out.append((m, m, (), s))
+        for name, m, abl in VARIANTS:
+            out.append((name, m, abl, s))
     for a in ABLATIONS:
         out.append((f"maskaq-{a}", "maskaq", (a,), ABLATION_SETTING))
     if only:
@@ -170,7 +176,8 @@ def _table(recs: list[dict[str, Any]]) -> tuple[list[str], float]:
         lines.append(f"| FP32 | fp32 | 1 | {r['onnx_top1']:.2f} | {r['torch_top1']:.2f} | "
                      f"{abs(r['onnx_top1'] - r['torch_top1']):.2f} | {r['wall_s']} |")
     worst = 0.0
-    order = [(m, s) for s in MAIN_SETTINGS for m in MAIN_METHODS] + [(f"maskaq-{a}", ABLATION_SETTING) for a in ABLATIONS]
+    order = [(m, s) for s in MAIN_SETTINGS for m in MAIN_METHODS + [v[0] for v in VARIANTS]] + \
+        [(f"maskaq-{a}", ABLATION_SETTING) for a in ABLATIONS]
     for arm, s in order:
         rs = [r for r in recs if r["arm"] == arm and r["setting"] == s]
         if not rs:
@@ -283,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--model", default=MODEL, help="reference model (alias or checkpoint) [default: %(default)s]")
-    ap.add_argument("--only", nargs="+", help="arm names: fp32, " + ", ".join(MAIN_METHODS) + ", maskaq-no_de, ...")
+    ap.add_argument("--only", nargs="+", help="arm names: fp32, " + ", ".join(MAIN_METHODS + [v[0] for v in VARIANTS]) + ", maskaq-no_de, ...")
     ap.add_argument("--settings", nargs="+")
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE preset override")

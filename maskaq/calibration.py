@@ -1210,6 +1210,9 @@ def _blockwise_stage(P: nn.Module, Q: nn.Module, data: BatchSource, cfg: CalibCo
             consider(-1 if not final else 0, "blockwise")
         save_state(cfg.epochs if (last and final) else 0, recon_done=k + 1, blocks=result.blocks)
 
+    if _needs_init(Q):  # init="lsq": the LSQ+ initialisation on the first batch, as the distillation epochs do
+        with torch.no_grad():  # (else the quantizers outside the blocks, e.g. the head's, would never be set)
+            Q(images[:cfg.batch_size].to(device=device, dtype=torch.float32))
     try:
         reconstruct_blocks(P, Q, images, iters=cfg.recon_iters, lr=cfg.recon_lr,
                            lr_min_ratio=float(cfg.lr_min) / float(cfg.lr), batch_size=cfg.batch_size,

@@ -98,7 +98,8 @@ class RunConfig:
         preset: ``cpu`` (default), ``paper``, ``tiny``; overrides: dotted keys
             (``{"synth.steps": 50}``), applied after the method's own settings.
         seed: the one seed every random choice derives from.
-        ablations: MaskAQ only: ``no_de``, ``no_maa``, ``no_calib_mask``, ``no_refresh``.
+        ablations: the method's own (``maskaq.recipes``): MaskAQ ``no_de``, ``no_maa``,
+            ``no_calib_mask``, ``no_refresh``; SPDFQ ``own_stage`` (its block-wise stage + log2).
         calib_data: folder of images for ``method="real"``.
         random_weights: build the model with random weights (speed tests; seeded).
         model_args: extra timm constructor arguments (``--model-kwargs``, ``--img-size``...).
@@ -165,7 +166,8 @@ class RunConfig:
     def quant_config(self) -> QuantConfig:
         return QuantConfig(self.w_bits, self.a_bits, self.symmetric_activations, self.narrow_weights,
                            self.keep_first_last_8bit, tuple(self.keep_8bit), self.weight_block, self.patch_embed,
-                           **_quant_overrides(self.overrides))
+                           **_quant_overrides({**get_recipe(self.method).quant_overrides_for(self.ablations),
+                                               **self.overrides}))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -245,7 +247,7 @@ def resolve_plan(run_cfg: RunConfig) -> Plan:
     try:
         preset = get_preset(run_cfg.preset)
         for o in recipe.overrides_for(preset.name, run_cfg.model, run_cfg.ablations):
-            preset = apply_overrides(preset, o)
+            preset = apply_overrides(preset, {k: v for k, v in o.items() if not str(k).startswith("quant.")})
         preset = apply_overrides(preset, {k: v for k, v in run_cfg.overrides.items()
                                           if not str(k).strip().startswith("quant.")})
     except PresetError as e:

@@ -195,7 +195,8 @@ def apply_overrides(preset: Preset, overrides: Mapping[str, Any] | None) -> Pres
         if section not in changes or not name:
             raise PresetError(
                 f"unknown override key {key!r}; valid: num_images, synth.<setting>, calib.<setting> "
-                f"(e.g. synth.steps=50, calib.epochs=3); all keys: {', '.join(override_keys())}"
+                f"(e.g. synth.steps=50, calib.epochs=3), quant.softmax_quant; all keys: {', '.join(override_keys())}, "
+                "quant.softmax_quant"
             )
         valid = _section_fields(section)
         if name not in valid:

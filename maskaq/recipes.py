@@ -293,6 +293,14 @@ class Recipe:
         out.extend(self.ablations[a] for a in ablations)
         return out
 
+    def quant_overrides_for(self, ablations: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The ``quant.*`` keys of the recipe's settings and of ``ablations`` (later wins): they
+        configure the quantizers, not the budget preset (e.g. SPDFQ's log2 attention quantizer)."""
+        out: dict[str, Any] = {}
+        for o in [self.settings, *(self.ablations[a] for a in ablations)]:
+            out.update({k: v for k, v in o.items() if str(k).startswith("quant.")})
+        return out
+
 
 RECIPES: dict[str, Recipe] = {}
 
@@ -401,6 +409,10 @@ register(Recipe(
     budget={"paper": {"num_images": 32, "synth.batch_size": 32, "synth.steps": 1000},
             "cpu": {"num_images": 32, "synth.batch_size": 32, "synth.steps": 200}},
     model_settings=_spdfq_model_settings,
+    # SPDFQ's own quantized-network stage (method.md §7): block-wise output reconstruction (100
+    # Adam iterations at 4e-5, cosine) from the range search, attention probabilities through the
+    # log2 quantizer wherever they are below 8 bit (linear at 8); no distillation epochs.
+    ablations={"own_stage": {"calib.stage": "blockwise", "quant.softmax_quant": "log2"}},
     summary="SPDFQ: attention-prior alignment + multi-semantic crops with soft labels + TV; KD + L_HD"))
 register(Recipe("noise", "Gaussian noise", data="noise", settings={"calib.refresh_every": 0},
                 summary="N(0, 1) images; KD + masked L_HD"))

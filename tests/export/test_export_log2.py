@@ -236,6 +236,39 @@ def test_run_config_quant_keys():
         RunConfig(model="fmnist_vit", overrides={"quant.softmax_quant": "exp"})
 
 
+def test_spdfq_own_stage_variant_sets_its_learning_stage_and_log2():
+    """SPDFQ's own learning stage is one variant of its recipe: block-wise reconstruction and the log2
+    softmax quantizer below 8 bit (linear at 8); the user's --set still has the last word; other methods
+    refuse it."""
+    from maskaq.pipeline import PipelineError, RunConfig, resolve_plan
+
+    rc = RunConfig(model="fmnist_vit", method="spdfq", ablations=("own_stage",))
+    assert rc.quant_config().log2_softmax and resolve_plan(rc).calib.stage == "blockwise"
+    plain = RunConfig(model="fmnist_vit", method="spdfq")
+    assert not plain.quant_config().log2_softmax and resolve_plan(plain).calib.stage == "blockwise+distill"  # the default
+    assert RunConfig(model="fmnist_vit", method="spdfq", a_bits=8, ablations=("own_stage",)).quant_config().log2_softmax is False
+    mine = RunConfig(model="fmnist_vit", method="spdfq", ablations=("own_stage",),
+                     overrides={"quant.softmax_quant": "linear", "calib.stage": "distill"})
+    assert mine.quant_config().softmax_quant == "linear" and resolve_plan(mine).calib.stage == "distill"
+    with pytest.raises(PipelineError, match="apply to method 'spdfq' only"):
+        RunConfig(model="fmnist_vit", method="maskaq", ablations=("own_stage",))
+
+
+def test_cli_spdfq_own_stage_end_to_end(tmp_path, tiny_ckpt):
+    out = tmp_path / "own.onnx"
+    r = invoke(tiny_ckpt, "--bits", "4", "--method", "spdfq", "--ablation", "own_stage", *FAST,
+               "--set", "calib.recon_iters=2", "-q", "-o", out)
+    assert r.exit_code == 0, r.output
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(meta["maskaq.quant"])["softmax_quant"] == "log2"
+    run = json.loads(meta["maskaq.config"])["run"]
+    assert run["method"] == "spdfq" and run["ablations"] == ["own_stage"]
+    r = invoke(tiny_ckpt, "--bits", "4", "--method", "maskaq", "--ablation", "own_stage", *FAST, "-o", tmp_path / "m.onnx")
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and "apply to method 'spdfq' only" in lines[0], r.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_maskaq_eval_deploy_report_says_what_runs_in_float(tmp_path):
     """maskaq-eval on a log2 file in deploy mode: the report's model section and the summary name
     the float parts (the log2 quantizers and the softmax @ v MatMuls they feed)."""
