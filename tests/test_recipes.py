@@ -313,6 +313,13 @@ def test_spdfq_state_and_plan():
     assert resolve_plan(RunConfig(model="deit_t", method="spdfq")).synth.w_apa == 1e5
     assert resolve_plan(RunConfig(model="fmnist_vit", method="spdfq")).synth.w_apa == R.SPDFQ_ALPHA1_CHOSEN["fmnist_vit"]
     assert resolve_plan(RunConfig(model="deit_t", method="spdfq", overrides={"synth.w_apa": 3})).synth.w_apa == 3.0
+    # the shared calibration gets the preset's image count; own_stage is the paper's 32 images + its stage
+    from maskaq.presets import get_preset
+
+    shared = resolve_plan(RunConfig(model="fmnist_vit", method="spdfq"))
+    assert shared.num_images == get_preset("cpu").num_images and shared.synth.steps == 200
+    own = resolve_plan(RunConfig(model="fmnist_vit", method="spdfq", ablations=("own_stage",)))
+    assert own.num_images == 32 and own.calib.stage == "blockwise" and own.synth.steps == 200
 
 
 @pytest.mark.parametrize("build", [tiny_vit, tiny_swin])
