@@ -809,6 +809,10 @@ def _optimizer(cfg: CalibConfig, params: list[nn.Parameter], model_params: list[
                            weight_decay=cfg.weight_decay)
 
 
+#: Below this many held-out samples the guard's choice of epoch is noise (docs/RESULTS.md "SPDFQ").
+GUARD_MIN_HELD = 16
+
+
 def _split_holdout(data: BatchSource, frac: float, seed: int) -> tuple[BatchSource, torch.Tensor | None, Any]:
     """``(train, held_out, keep)``: a seeded ``frac`` of a sample tensor held back (at least one
     image, at least one left to train on); ``keep`` indexes the training part (the same indices
@@ -914,6 +918,10 @@ def calibrate(
     if not params:
         raise CalibError("Q has no trainable parameters")
     data, held, keep_idx = _split_holdout(data, float(cfg.holdout), seed)
+    if held is not None and held.shape[0] < GUARD_MIN_HELD and cfg.epochs > 0 and cfg.stage != "blockwise" and rank == 0:
+        log.warning("the guard judges the distillation epochs on %d held-out samples; with fewer than %d it can keep "
+                    "a state that has collapsed on real images (seen with 32 synthetic images); use more images "
+                    "(num_images) or calib.stage=blockwise", held.shape[0], GUARD_MIN_HELD)
     qparams = {id(p) for _, m in quantizers(Q) if isinstance(m, ActQuantizer) for p in m.parameters()}
     bounded = [p for p in params if id(p) not in qparams]
     opt = _optimizer(cfg, params, bounded, start_epoch)

@@ -207,6 +207,24 @@ def test_guard_keeps_the_initial_state_when_training_destroys_q():
         g["history"][-1]["score"] > again["score"]
 
 
+def test_guard_warns_when_its_hold_out_is_too_small(caplog):
+    """8 held-out samples (< GUARD_MIN_HELD): one warning that names the count and what to do; 16: none."""
+    from maskaq.calibration import GUARD_MIN_HELD
+
+    assert GUARD_MIN_HELD == 16
+    P, dcfg, Q = _tiny()
+    cfg = CalibConfig(epochs=1, batch_size=8, warmup_gate_epochs=0, augment="none", init="mse", holdout=0.2)
+    for n, warned in ((40, True), (80, False)):
+        caplog.clear()
+        data = torch.randn(n, *dcfg.input_size, generator=torch.Generator().manual_seed(2))
+        with caplog.at_level("WARNING", logger="maskaq.calibration"):
+            calibrate(P, Q, data, cfg, seed=0, progress=False)
+        msgs = [r.getMessage() for r in caplog.records if "held-out samples" in r.getMessage()]
+        assert bool(msgs) is warned, msgs
+        if warned:
+            assert len(msgs) == 1 and "on 8 held-out samples" in msgs[0] and "num_images" in msgs[0]
+
+
 def test_guard_without_keep_best_reports_but_keeps_final():
     P, dcfg, Q = _tiny()
     data = torch.randn(40, *dcfg.input_size, generator=torch.Generator().manual_seed(2))
