@@ -259,7 +259,7 @@ def _plot(recs: list[dict[str, Any]], path: Path, fp32: float | None, model: str
 
     order = ["3w3a", "4w4a", "4w8a"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in MAIN_METHODS:
+    for m in MAIN_METHODS + [v[0] for v in VARIANTS]:
         xs, ys, es = [], [], []
         for i, s in enumerate(order):
             v = [r["onnx_top1"] for r in recs if r["arm"] == m and r["setting"] == s and r["onnx_top1"] is not None]
