@@ -296,3 +296,18 @@ def test_maskaq_eval_deploy_report_says_what_runs_in_float(tmp_path):
         parts = rep["model"]["float_parts"]
         assert len(parts) == 2 and "log2 attention-probability quantizers" in parts[0] and "softmax @ v" in parts[1]
         assert f"float     {parts[0]}" in summary(rep).splitlines()
+
+
+def test_openvino_runs_the_log2_graph_like_ort(vlog, helpers):
+    """OpenVINO's CPU plugin (f32) compiles the log2 part (Less/Where/Gather on the threshold table)
+    and gives ORT exact mode's logits (to float summation order: no code differs on these inputs)."""
+    ov = pytest.importorskip("openvino")
+    core = ov.Core()
+    comp = core.compile_model(core.read_model(str(vlog.path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    sess = helpers.ort_session(vlog.path)
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(5)).numpy()
+    ref = sess.run(None, {"input": x})[0]
+    got = comp(x)[comp.output(0)]
+    assert got.shape == ref.shape and np.isfinite(got).all()
+    assert (got.argmax(1) == ref.argmax(1)).all()
+    assert float(np.abs(got - ref).max()) <= 1e-4 * max(1.0, float(np.abs(ref).max()))  # measured: 4.5e-8
