@@ -49,6 +49,7 @@ ABLATION_SETTING = "3w3a"
 #: Other recipes' variants (arm name, method, ablations): every main setting. ``spdfq-own_stage``
 #: is SPDFQ through its own learning stage (block-wise reconstruction + log2 softmax quantizer).
 VARIANTS = [("spdfq-own_stage", "spdfq", ("own_stage",))]
+VARIANT_ARMS = [v[0] for v in VARIANTS]
 LABELS = {**{n: r.title for n, r in RECIPES.items()}, "real": "Real data (upper bound)",
           "maskaq-no_de": "MaskAQ w/o L_DE", "maskaq-no_maa": "MaskAQ w/o L_MAA",
           "maskaq-no_calib_mask": "MaskAQ w/o calibration mask", "maskaq-no_refresh": "MaskAQ w/o refresh",
@@ -176,7 +177,7 @@ def _table(recs: list[dict[str, Any]]) -> tuple[list[str], float]:
         lines.append(f"| FP32 | fp32 | 1 | {r['onnx_top1']:.2f} | {r['torch_top1']:.2f} | "
                      f"{abs(r['onnx_top1'] - r['torch_top1']):.2f} | {r['wall_s']} |")
     worst = 0.0
-    order = [(m, s) for s in MAIN_SETTINGS for m in MAIN_METHODS + [v[0] for v in VARIANTS]] + \
+    order = [(m, s) for s in MAIN_SETTINGS for m in MAIN_METHODS + VARIANT_ARMS] + \
         [(f"maskaq-{a}", ABLATION_SETTING) for a in ABLATIONS]
     for arm, s in order:
         rs = [r for r in recs if r["arm"] == arm and r["setting"] == s]
@@ -259,7 +260,7 @@ def _plot(recs: list[dict[str, Any]], path: Path, fp32: float | None, model: str
 
     order = ["3w3a", "4w4a", "4w8a"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in MAIN_METHODS + [v[0] for v in VARIANTS]:
+    for m in MAIN_METHODS + VARIANT_ARMS:
         xs, ys, es = [], [], []
         for i, s in enumerate(order):
             v = [r["onnx_top1"] for r in recs if r["arm"] == m and r["setting"] == s and r["onnx_top1"] is not None]
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--model", default=MODEL, help="reference model (alias or checkpoint) [default: %(default)s]")
-    ap.add_argument("--only", nargs="+", help="arm names: fp32, " + ", ".join(MAIN_METHODS + [v[0] for v in VARIANTS]) + ", maskaq-no_de, ...")
+    ap.add_argument("--only", nargs="+", help="arm names: fp32, " + ", ".join(MAIN_METHODS + VARIANT_ARMS) + ", maskaq-no_de, ...")
     ap.add_argument("--settings", nargs="+")
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE preset override")

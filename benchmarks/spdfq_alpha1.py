@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     (out / "records").mkdir(parents=True, exist_ok=True)
     rows = []
+    ntag = "" if args.num_images is None else f"__n{args.num_images}"
     for a in args.alphas:
-        ntag = "" if args.num_images is None else f"__n{args.num_images}"
         key = f"{args.model}__spdfq__{args.setting}__s{args.seed}__a{a:g}{ntag}"
         rec_path = out / "records" / f"{key}.json"
         if rec_path.exists():

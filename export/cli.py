@@ -161,7 +161,7 @@ def _given(ctx: click.Context, name: str) -> bool:
               help="Activation bit width, 2-8; 16 (or 32) = float activations (weight-only, no activation quantizers).")
 @click.option("--method", type=click.Choice(METHODS), default="maskaq", show_default=True,
               help="Method (maskaq.recipes): " + "; ".join(f"{n}: {r.title}" for n, r in RECIPES.items()) + ".")
-@click.option("--ablation", "variants", multiple=True, metavar="NAME",
+@click.option("--ablation", "ablation", multiple=True, metavar="NAME",
               help="An ablation or variant of --method (repeatable): " + "; ".join(
                   f"{n}: {', '.join(r.ablations)}" for n, r in RECIPES.items() if r.ablations)
               + " (spdfq own_stage: SPDFQ's own learning stage, block-wise reconstruction + log2 softmax quantizer).")
@@ -228,7 +228,7 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
          mean: tuple[float, ...] = (), std: tuple[float, ...] = (), crop_pct: float | None = None,
          interpolation: str | None = None, labels_file: str | None = None, fp32_out: str | None = None,
          analyse: bool = False, weight_only: bool = False, patch_embed: str = "channel",
-         weight_storage: str = "int8", variants: tuple[str, ...] = ()) -> None:
+         weight_storage: str = "int8", ablation: tuple[str, ...] = ()) -> None:
     """Quantize a Vision Transformer without data (MaskAQ) and export it as a QDQ ONNX file.
 
     MODEL is an alias (fmnist_vit, fmnist_vit_p7, fmnist_dinov2 (built once by
@@ -298,13 +298,12 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
     totals: tuple[int | None, int | None] = (None, None)
     try:
         if from_state is not None:
-            clash = [f"--{n.replace('_', '-')}" for n in ("w_bits", "a_bits", "method", "variants", "preset", "overrides", "checkpoint",
+            clash = [f"--{n.replace('_', '-')}" for n in ("w_bits", "a_bits", "method", "ablation", "preset", "overrides", "checkpoint",
                                                          "calib_data", "keep_first_last_8bit", "seed", "run_dir",
                                                          "resume", "random_weights", "keep_8bit", "model_kwargs",
                                                          "num_classes", "img_size", "in_chans", "mean", "std",
                                                          "crop_pct", "interpolation", "labels_file") if _given(ctx, n)]
-            clash = [c.replace("--w-bits", "--bits").replace("--overrides", "--set")
-                     .replace("--labels-file", "--labels").replace("--variants", "--ablation")
+            clash = [c.replace("--w-bits", "--bits").replace("--overrides", "--set").replace("--labels-file", "--labels")
                      for c in clash]
             if clash:
                 raise click.UsageError(f"--from-state re-exports a calibrated state; {', '.join(clash)} "
@@ -346,7 +345,7 @@ def main(ctx: click.Context, model: str | None, w_bits: int | None, a_bits: int 
                            symmetric_activations=trt, narrow_weights=trt,
                            keep_first_last_8bit=keep_first_last_8bit, preset=preset,
                            overrides=parse_overrides(overrides), seed=seed, calib_data=calib_data,
-                           ablations=tuple(variants),
+                           ablations=tuple(ablation),
                            random_weights=random_weights, model_args=model_args, keep_8bit=tuple(keep_8bit),
                            preprocessing=preprocessing, labels=labels,
                            weight_block=block if weight_only else None, patch_embed=patch_embed)
